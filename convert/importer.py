@@ -1,0 +1,29 @@
+"""Import: stream a source checkpoint, tensor by tensor, into the lomo-jax tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.layout import TreeBuilder
+from convert.sources import detect
+from lomo_jax import checkpoint
+from lomo_jax.config import LlamaConfig
+
+
+def load(path: str | Path, tokenizer: str | Path | None = None,
+         dtype: Any = None) -> tuple[LlamaConfig, dict, list[Path]]:
+    """(config, numpy parameter tree, tokenizer files) of a HF / Meta / llama2.c checkpoint."""
+    src = detect(path, tokenizer)
+    builder = TreeBuilder(src.config, np.dtype(dtype) if dtype is not None else src.dtype)
+    for file, name, array in src.tensors():
+        builder.put(file, name, array)
+    return src.config, builder.finish(str(src.path)), src.tokenizer_files
+
+
+def import_checkpoint(src: str | Path, out: str | Path, tokenizer: str | Path | None = None,
+                      dtype: Any = None, overwrite: bool = False) -> Path:
+    cfg, params, files = load(src, tokenizer, dtype)
+    return checkpoint.save_pretrained(out, cfg, params, files, overwrite)

@@ -1,0 +1,96 @@
+"""Autoregressive sampling with a KV cache: greedy, temperature and top-p, stopping at EOS."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lomo_jax.config import LlamaConfig
+from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
+
+
+def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):
+    """Runs the stacked layers over new tokens at positions index.., reading and filling the cache."""
+    B, T = ids_BT.shape
+    S = cache.k_BSHK.shape[2]
+    positions_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask_BTS = jnp.broadcast_to(jnp.arange(S)[None, :] <= positions_BT[0][:, None], (B, T, S))
+
+    def step(h, layer):
+        p_layer, k, v = layer
+        h, new = DecoderLayer(cfg).apply(
+            {"params": p_layer}, h, positions_BT, mask_BTS, KVCache(k, v), index
+        )
+        return h, new
+
+    h, new_cache = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT),
+                                (params["layers"], cache.k_BSHK, cache.v_BSHK))
+    return head(cfg, params, h[:, -1:])[:, 0], KVCache(*new_cache)
+
+
+def _sample(logits_BV, key, temperature: float, top_p: float):
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+        cutoff_idx = jnp.sum(cum_BV < top_p, axis=-1, keepdims=True)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_idx, axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(3,))
+def _step(cfg, params, ids_BT, cache, temperature, top_p, index, key):
+    logits_BV, cache = _run_layers(cfg, params, ids_BT, cache, index)
+    return _sample(logits_BV, key, temperature, top_p), cache
+
+
+def generate(
+    cfg: LlamaConfig,
+    params: Params,
+    prompt_ids: list[list[int]] | np.ndarray,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """New tokens for each prompt (all prompts the same length); a row stops after its EOS."""
+    prompt_BT = np.asarray(prompt_ids, dtype=np.int32)
+    if prompt_BT.ndim != 2 or prompt_BT.shape[1] == 0:
+        raise ValueError("prompt_ids must be a non-empty [batch, length] array")
+    B, T = prompt_BT.shape
+    S = T + max_new_tokens
+    L, KVH, K = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    dtype = params["embed"]["embedding"].dtype
+    cache = KVCache(jnp.zeros((L, B, S, KVH, K), dtype), jnp.zeros((L, B, S, KVH, K), dtype))
+    key = jax.random.key(seed)
+    eos = np.asarray(cfg.eos_ids if stop_at_eos else (), dtype=np.int32)
+    out = np.zeros((B, 0), np.int32)
+    done = np.zeros(B, bool)
+    ids_BT, index = jnp.asarray(prompt_BT), 0
+    for _ in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        next_B, cache = _step(cfg, params, ids_BT, cache, float(temperature), float(top_p),
+                              jnp.int32(index), sub)
+        index += ids_BT.shape[1]
+        next_B = np.asarray(next_B)
+        out = np.concatenate([out, next_B[:, None]], axis=1)
+        done |= np.isin(next_B, eos)
+        if done.all():
+            break
+        ids_BT = jnp.asarray(next_B[:, None])
+    return [_truncate_at_eos(row, eos) for row in out.tolist()]
+
+
+def _truncate_at_eos(row: list[int], eos: np.ndarray) -> list[int]:
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[: i + 1]
+    return row

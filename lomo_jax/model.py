@@ -1,0 +1,225 @@
+"""A LLaMA in Flax whose decoder layers are stacked, so it can be driven one layer at a time.
+
+The model is three pure functions of (params, inputs) that compose as
+
+    h = embed(cfg, params["embed"], ids)                           # [B, T, D]
+    for i in range(L):                                             # lax.scan over layers
+        h = decoder_layer(cfg, layer_slice(params["layers"], i), h, positions, mask)
+    logits = head(cfg, params, h)                                  # final norm + lm_head
+
+`params["layers"]` holds every decoder weight with a leading layer axis [L, ...], which is what
+`lax.scan` consumes and what the fused LOMO engine walks backwards. `forward` is exactly that
+composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the converters
+are a name map; kernels are [in, out] (the transpose of torch Linear weights).
+
+RoPE rotates halves (the Hugging Face layout); Meta and llama2.c weights are permuted on import.
+Norms, softmax and logits are computed in float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lomo_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+
+
+# ---- rotary embedding -----------------------------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2], with "linear" or "llama3" scaling as transformers does."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    freqs_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    emb_BTK = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb_BTK), jnp.sin(emb_BTK)
+    x1, x2 = jnp.split(x_BTHK, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x_BTHK * cos + rotated * sin).astype(x_BTHK.dtype)
+
+
+# ---- masks ----------------------------------------------------------------------------------
+def causal_mask(segment_ids_BT: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """[B, T, T] bool: causal, and only within the same segment (packed documents, padding = 0)."""
+    idx = jnp.arange(length)
+    mask_TT = idx[None, :] <= idx[:, None]
+    if segment_ids_BT is None:
+        return jnp.broadcast_to(mask_TT, (batch, length, length))
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return mask_TT[None] & same_BTT
+
+
+# ---- modules --------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
+        x = x_BTD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return weight * x.astype(x_BTD.dtype)
+
+
+class KVCache(NamedTuple):
+    k_BSHK: jax.Array
+    v_BSHK: jax.Array
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None, index=None):
+        cfg = self.cfg
+        H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        B, T, _ = x_BTD.shape
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, name=name)  # noqa: E731
+        q_BTHK = dense(H * K, "q_proj")(x_BTD).reshape(B, T, H, K)
+        k_BTHK = dense(KVH * K, "k_proj")(x_BTD).reshape(B, T, KVH, K)
+        v_BTHK = dense(KVH * K, "v_proj")(x_BTD).reshape(B, T, KVH, K)
+        inv_freq = rope_inv_freq(cfg)
+        q_BTHK = apply_rope(q_BTHK, positions_BT, inv_freq)
+        k_BTHK = apply_rope(k_BTHK, positions_BT, inv_freq)
+        if cache is not None:
+            k_BTHK = jax.lax.dynamic_update_slice_in_dim(cache.k_BSHK, k_BTHK, index, axis=1)
+            v_BTHK = jax.lax.dynamic_update_slice_in_dim(cache.v_BSHK, v_BTHK, index, axis=1)
+            cache = KVCache(k_BTHK, v_BTHK)
+        # Grouped-query attention: each KV head serves H // KVH query heads.
+        q_BTHGK = q_BTHK.reshape(B, T, KVH, H // KVH, K)
+        scores_BHGTS = jnp.einsum("bthgk,bshk->bhgts", q_BTHGK, k_BTHK).astype(jnp.float32)
+        scores_BHGTS = scores_BHGTS / np.sqrt(K).astype(np.float32)
+        scores_BHGTS = jnp.where(mask_BTS[:, None, None], scores_BHGTS, jnp.finfo(jnp.float32).min)
+        probs_BHGTS = jax.nn.softmax(scores_BHGTS, axis=-1).astype(v_BTHK.dtype)
+        out_BTHGK = jnp.einsum("bhgts,bshk->bthgk", probs_BHGTS, v_BTHK)
+        out_BTD = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
+            out_BTHGK.reshape(B, T, H * K)
+        )
+        return out_BTD, cache
+
+
+class MLP(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, name=name)  # noqa: E731
+        gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
+        up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
+        return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+
+
+class DecoderLayer(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
+        cfg = self.cfg
+        x = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(h_BTD)
+        attn_BTD, cache = Attention(cfg, name="self_attn")(x, positions_BT, mask_BTS, cache, index)
+        h_BTD = h_BTD + attn_BTD
+        x = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(h_BTD)
+        return h_BTD + MLP(cfg, name="mlp")(x), cache
+
+
+# ---- the three pure pieces ------------------------------------------------------------------
+def embed(cfg: LlamaConfig, p_embed: Params, ids_BT: jax.Array) -> jax.Array:
+    return jnp.take(p_embed["embedding"], ids_BT, axis=0)
+
+
+def decoder_layer(
+    cfg: LlamaConfig, p_layer: Params, h_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array
+) -> jax.Array:
+    """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
+    return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask_BTS)[0]
+
+
+def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
+    """The [D, V] output projection (the embedding table, transposed, when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def head(cfg: LlamaConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
+    """Final norm and output projection -> float32 logits [B, T, V]."""
+    x_BTD = RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, h_BTD)
+    return jnp.einsum("btd,dv->btv", x_BTD, head_weight(cfg, params)).astype(jnp.float32)
+
+
+def layer_slice(p_layers: Params, i) -> Params:
+    return jax.tree.map(lambda x: x[i], p_layers)
+
+
+def default_positions(ids_BT: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), ids_BT.shape)
+
+
+def forward(
+    cfg: LlamaConfig,
+    params: Params,
+    ids_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+) -> jax.Array:
+    """Logits [B, T, V] in float32."""
+    B, T = ids_BT.shape
+    positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
+    mask_BTT = causal_mask(segment_ids_BT, B, T)
+
+    def step(h, p_layer):
+        return decoder_layer(cfg, p_layer, h, positions_BT, mask_BTT), None
+
+    h_BTD, _ = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT), params["layers"])
+    return head(cfg, params, h_BTD)
+
+
+# ---- parameters -----------------------------------------------------------------------------
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random parameters (normal, std 0.02, like transformers' `initializer_range`)."""
+    k_emb, k_layers, k_head = jax.random.split(key, 3)
+    init = nn.initializers.normal(0.02)
+    B, T = 1, 1
+    dummy = (jnp.zeros((B, T, cfg.hidden_size), dtype), jnp.zeros((B, T), jnp.int32),
+             jnp.ones((B, T, T), bool))
+    layer_init = lambda k: DecoderLayer(cfg).init(k, *dummy)["params"]  # noqa: E731
+    layers = jax.vmap(layer_init)(jax.random.split(k_layers, cfg.num_hidden_layers))
+    params = {
+        "embed": {"embedding": init(k_emb, (cfg.vocab_size, cfg.hidden_size), jnp.float32)},
+        "layers": layers,
+        "norm": {"weight": jnp.ones((cfg.hidden_size,), jnp.float32)},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": init(k_head, (cfg.hidden_size, cfg.vocab_size), jnp.float32)}
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def param_shapes(cfg: LlamaConfig, dtype=jnp.float32) -> Params:
+    """Shapes and dtypes only (`jax.ShapeDtypeStruct`): plans a 65B model without allocating it."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))

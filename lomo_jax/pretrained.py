@@ -1,0 +1,79 @@
+"""The user-facing model object: a config, a parameter tree and (optionally) a tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lomo_jax import checkpoint
+from lomo_jax.config import LlamaConfig
+from lomo_jax.generate import generate
+from lomo_jax.model import forward
+from lomo_jax.tokenizer import Tokenizer, load_tokenizer
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg, params, ids_BT, segment_ids_BT):
+    return forward(cfg, params, ids_BT, segment_ids_BT=segment_ids_BT)
+
+
+@dataclasses.dataclass
+class LlamaModel:
+    config: LlamaConfig
+    params: Any
+    tokenizer: Tokenizer | None = None
+
+    def __call__(self, ids_BT, segment_ids_BT=None) -> jax.Array:
+        """int32 token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        ids_BT = jnp.asarray(ids_BT, jnp.int32)
+        return _logits(self.config, self.params, ids_BT, segment_ids_BT)
+
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        return generate(self.config, self.params, prompt_ids, max_new_tokens, temperature, top_p,
+                        seed)
+
+    def generate_text(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                      top_p: float = 1.0, seed: int = 0) -> str:
+        """Decoded continuation of BOS + prompt (an empty prompt means BOS alone)."""
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer; pass --tokenizer when importing")
+        ids = self.tokenizer.encode(prompt, bos=True) if prompt else [self.config.bos_token_id]
+        out = self.generate([ids], max_new_tokens, temperature, top_p, seed)[0]
+        return self.tokenizer.decode(out)
+
+    def save_pretrained(self, out: str | Path, overwrite: bool = False) -> Path:
+        files = self.tokenizer.files if self.tokenizer else ()
+        return checkpoint.save_pretrained(out, self.config, self.params, files, overwrite)
+
+
+def _tokenizer_from(files: list[Path]) -> Tokenizer | None:
+    names = {f.name: f for f in files}
+    if "tokenizer.json" in names:
+        return load_tokenizer(names["tokenizer.json"].parent)
+    if files:
+        return load_tokenizer(names.get("tokenizer.model", files[0]))
+    return None
+
+
+def from_pretrained(path: str | Path, tokenizer: str | Path | None = None,
+                    dtype: Any = None) -> LlamaModel:
+    """Loads a lomo-jax checkpoint, a Hugging Face directory, a Meta original directory or a
+    llama2.c `.bin`; weights from other formats are converted in memory."""
+    if checkpoint.is_checkpoint(path):
+        cfg, params, files = checkpoint.load_pretrained(path)
+    else:
+        from convert import load
+
+        cfg, params, files = load(path, tokenizer)
+    if tokenizer is not None:
+        files = [Path(tokenizer)]
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    params = jax.tree.map(jnp.asarray, params)
+    return LlamaModel(cfg, params, _tokenizer_from(files))
