@@ -40,7 +40,7 @@ def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file({name: numpy_to_torch(a).clone() for name, a in shard.items()},
+            save_file({name: numpy_to_torch(a) for name, a in shard.items()},
                       tmp / fname, metadata={"format": "pt"})
             for name, a in shard.items():
                 weight_map[name] = fname

@@ -42,7 +42,8 @@ def torch_to_numpy(t) -> np.ndarray:
 def numpy_to_torch(a: np.ndarray):
     import torch
 
-    a = np.ascontiguousarray(a)
+    # torch wants writable memory; copy only what is read-only (mmaps, jax buffers) or strided.
+    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
     if a.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -44,6 +44,10 @@ class LlamaConfig:
             if kind not in ("default", "linear", "llama3"):
                 raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
+    def __hash__(self) -> int:
+        # rope_scaling is a dict; hash by value so a config can be a static jit argument.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
     @property
     def num_params(self) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size

@@ -1,0 +1,110 @@
+"""`lomo-jax` command line. Results go to stdout, logs to stderr; a bad input is one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger("lomo_jax")
+
+
+def _cmd_import(a: argparse.Namespace) -> None:
+    from convert import import_checkpoint
+
+    out = import_checkpoint(a.src, a.out, a.tokenizer, a.dtype, a.overwrite)
+    log.info("imported %s -> %s", a.src, out)
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from convert import export_hf
+    from convert.errors import ConversionError
+    from lomo_jax.checkpoint import is_checkpoint
+
+    if not is_checkpoint(a.ckpt):
+        raise ConversionError(a.ckpt, "not a lomo-jax checkpoint (no config.json and params/)")
+    shard = int(a.max_shard_size * 2**20) if a.max_shard_size else None
+    out = export_hf(a.ckpt, a.out, **({"max_shard_bytes": shard} if shard else {}),
+                    overwrite=a.overwrite)
+    log.info("exported %s -> %s", a.ckpt, out)
+
+
+def _cmd_generate(a: argparse.Namespace) -> None:
+    from lomo_jax.pretrained import from_pretrained
+
+    model = from_pretrained(a.ckpt, a.tokenizer)
+    text = model.generate_text(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    sys.stdout.write(text + "\n")
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from lomo_jax.demo import run_demo
+
+    run_demo(a.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lomo-jax", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("import", help="convert a HF / Meta / llama2.c checkpoint to lomo-jax")
+    s.add_argument("src", help="HF directory, Meta directory (params.json), or llama2.c .bin")
+    s.add_argument("out", help="output lomo-jax checkpoint directory")
+    s.add_argument("--tokenizer", help="SentencePiece .model or HF tokenizer directory")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast weights (default: keep the source dtype)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    s.set_defaults(func=_cmd_import)
+
+    s = sub.add_parser("export", help="convert a lomo-jax checkpoint to a HF directory")
+    s.add_argument("ckpt")
+    s.add_argument("out")
+    s.add_argument("--max-shard-size", type=float, help="MiB per safetensors shard (default 5 GiB)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("generate", help="print a continuation of BOS + prompt")
+    s.add_argument("ckpt", help="anything from_pretrained reads")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("demo", help="the main job on an embedded default model")
+    s.add_argument("--out", default="demo_out", help="where the demo writes its files")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from convert.errors import ConversionError
+    from lomo_jax.atomic import OutputExistsError
+    from lomo_jax.tokenizer import TokenizerError
+
+    return ConversionError, OutputExistsError, TokenizerError, FileNotFoundError
+
+
+def main(argv: list[str] | None = None, errors: Callable[[], tuple] = _user_errors) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except errors() as e:
+        print(f"lomo-jax: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lomo-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

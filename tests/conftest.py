@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny LLaMA configs covering the layouts, random checkpoints, the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from convert.synthetic import random_hf_tensors, write_hf  # noqa: E402
+from lomo_jax.config import LlamaConfig  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5)
+CONFIGS = {
+    "gqa": LlamaConfig(**_BASE, num_key_value_heads=2),
+    "mha-tied": LlamaConfig(**_BASE, tie_word_embeddings=True),
+    "llama3-rope": LlamaConfig(**_BASE, num_key_value_heads=2, rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 32}),
+    "head-dim-bias-linear": LlamaConfig(**_BASE, num_key_value_heads=1, head_dim=24,
+                                        attention_bias=True, mlp_bias=True,
+                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+def data_path(*parts: str) -> Path:
+    p = DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"reference data {p} is absent (expected ../shared/data beside the repo)")
+    return p
+
+
+@pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
+def any_config(request) -> LlamaConfig:
+    return CONFIGS[request.param]
+
+
+def make_hf_dir(path: Path, cfg: LlamaConfig, seed: int = 0, dtype=np.float32, **kw) -> Path:
+    return write_hf(path, cfg, random_hf_tensors(cfg, seed, dtype), **kw)
+
+
+def random_ids(cfg: LlamaConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length), dtype=np.int32)
