@@ -1,0 +1,248 @@
+"""The fused LOMO / AdaLomo step: gradients are consumed by the update the moment they exist.
+
+JAX has no backward hooks, so the backward pass is written out:
+
+1. forward: `lax.scan` over the stacked layers, saving only each layer's input h_i
+   (activation checkpointing at layer boundaries);
+2. head: vjp of final norm + lm_head + cross-entropy; the head is updated at once;
+3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, update layer i's
+   weights and optimizer state in the carried (donated) stacks, pass dh_i down;
+4. embedding: the gradient is a scatter-add of dh_0 into its rows (plus the head's gradient when
+   the table is tied: one update with the sum).
+
+Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
+layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
+global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
+paper does; only one layer's gradients are alive at a time in either pass.
+
+Copies: each layer's weights are read exactly once per pass (one dynamic slice feeds both the vjp
+and the update), and the write-back is a dynamic_update_slice of that same slice's successor, so
+XLA can update the stacks in place; tests/test_engine_memory.py fails if a stack-sized temporary
+comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lomo_jax.config import LlamaConfig
+from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
+from lomo_jax.model import causal_mask, decoder_layer, default_positions, embed, forward, head
+from lomo_jax.optim import (
+    StepScalars,
+    UpdateRule,
+    apply_updates,
+    clip_coefficient,
+    global_norm_sq,
+    init_state,
+    map_rule,
+)
+from lomo_jax.schedule import Schedule
+
+IGNORE = -100
+
+
+class Batch(NamedTuple):
+    input_ids: jax.Array  # [B, T] int32
+    labels: jax.Array  # [B, T] int32, IGNORE where no loss; position t is predicted from < t
+    segment_ids: jax.Array | None = None  # [B, T] packed documents (0 = padding)
+    positions: jax.Array | None = None  # [B, T] RoPE positions (restart per document)
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32: optimizer steps taken (skipped float16 overflows included)
+    scale: ScaleState
+
+
+def init_train_state(rule: UpdateRule, params: Any, float16: bool = False,
+                     loss_scale: DynamicLossScale | None = None) -> TrainState:
+    scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
+    return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
+
+
+def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over labels != -100, like transformers' `labels=input_ids`."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    labels = labels_BT[:, 1:]
+    valid = labels != IGNORE
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum((logz - picked) * valid) / jnp.maximum(1, jnp.sum(valid))
+
+
+def _head_params(cfg: LlamaConfig, params) -> dict:
+    key = "embed" if cfg.tie_word_embeddings else "lm_head"
+    return {"norm": params["norm"], key: params[key]}
+
+
+def _inputs(batch: Batch):
+    B, T = batch.input_ids.shape
+    positions = default_positions(batch.input_ids) if batch.positions is None else batch.positions
+    return positions, causal_mask(batch.segment_ids, B, T)
+
+
+def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, vocab: int) -> jax.Array:
+    g = jnp.zeros((vocab, dh_BTD.shape[-1]), jnp.float32)
+    return g.at[ids_BT.reshape(-1)].add(dh_BTD.reshape(-1, dh_BTD.shape[-1]).astype(jnp.float32))
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _depends_on(tree, *deps):
+    """`tree` with the same values, but data-dependent on `deps` (one scalar read of each).
+
+    The in-place write of layer i's weights needs every read of them ordered before it, and a
+    weight's own gradient often does not read it (dW_up = x^T (dact * silu(gate)) never reads
+    W_up); without an edge XLA cannot prove the order and copies the whole stack every
+    iteration. `lax.optimization_barrier` would say this, but XLA:CPU drops it, so the edge is
+    `x + 0 * dep`, which XLA cannot fold for floats (0 * inf is NaN) and fuses for free.
+    """
+    zero = 0.0 * sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(deps))
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
+
+
+def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only):
+    """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
+    touch nothing; otherwise update every tensor as its gradient appears."""
+    positions, mask = _inputs(batch)
+    tied = cfg.tie_word_embeddings
+    layer = lambda p, h: decoder_layer(cfg, p, h, positions, mask)  # noqa: E731
+    g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
+
+    if measure_only:
+        sumsq, finite = global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head)
+
+        def body(carry, x):
+            dh, acc, ok = carry
+            _, vjp = jax.vjp(layer, *x)
+            g, dh = vjp(dh)
+            return (dh, acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)), None
+
+        (dh0, sumsq, finite), _ = jax.lax.scan(body, (dh_L, sumsq, finite),
+                                               (params["layers"], hs), reverse=True)
+        g_emb = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
+        if tied:
+            g_emb = g_emb + g_head_emb.astype(jnp.float32)
+        return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
+
+    new_params, new_state = dict(params), dict(opt_state)
+    for k, g in g_head.items():
+        new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc)
+
+    def body(carry, x):
+        p_layers, s_layers, dh = carry
+        h_i, i = x
+        p_i = jax.tree.map(lambda a: a[i], p_layers)
+        s_i = jax.tree.map(lambda a: a[i], s_layers)
+        _, vjp = jax.vjp(layer, p_i, h_i)
+        g_i, dh = vjp(dh)
+        g_i = _depends_on(g_i, dh)  # dh reads every weight of layer i: reads before writes
+        p_i, s_i = map_rule(rule, p_i, g_i, s_i, sc)
+        put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
+        p_layers = jax.tree.map(put, p_layers, p_i)
+        # The rule's state reads feed the weight update: state writes after the weight writes.
+        s_i = _depends_on(s_i, [x[i] for x in jax.tree.leaves(p_layers)])
+        return (p_layers, jax.tree.map(put, s_layers, s_i), dh), None
+
+    idx = jnp.arange(cfg.num_hidden_layers)
+    (new_params["layers"], new_state["layers"], dh0), _ = jax.lax.scan(
+        body, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True)
+
+    g_emb = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
+    if tied:
+        g_emb = g_emb + g_head_emb.astype(jnp.float32)
+    new_params["embed"], new_state["embed"] = map_rule(
+        rule, params["embed"], {"embedding": g_emb}, opt_state["embed"], sc)
+    return new_params, new_state
+
+
+def fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState,
+               batch: Batch, loss_scale: DynamicLossScale | None = None):
+    """One fused training step -> (new state, metrics). Jit it with the state donated."""
+    params = state.params
+    positions, mask = _inputs(batch)
+
+    def save_inputs(h, p):
+        return decoder_layer(cfg, p, h, positions, mask), h
+
+    h_L, hs = jax.lax.scan(save_inputs, embed(cfg, params["embed"], batch.input_ids),
+                           params["layers"])
+    head_loss = lambda hp, h: cross_entropy(head(cfg, hp, h), batch.labels)  # noqa: E731
+    loss, head_vjp = jax.vjp(head_loss, _head_params(cfg, params), h_L)
+    g_head, dh_L = head_vjp(state.scale.scale)  # gradients of loss * scale
+
+    sc = StepScalars(lr=schedule(state.step), t=state.step + 1, clip_coef=jnp.float32(1.0),
+                     loss_scale=state.scale.scale)
+    metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
+    needs_norm = rule.clip_grad_norm is not None or loss_scale is not None
+    finite = jnp.bool_(True)
+    if needs_norm:
+        sumsq, finite = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
+                                        dict(g_head), sc, measure_only=True)
+        norm = jnp.sqrt(sumsq)
+        sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
+        metrics["grad_norm"] = norm
+    new_params, new_state = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
+                                            dict(g_head), sc, measure_only=False)
+    scale = state.scale
+    if loss_scale is not None:
+        # An overflow skips the whole step: every tensor keeps its old value, bit for bit.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_state = jax.tree.map(keep, new_state, state.opt_state)
+        scale = loss_scale.update(scale, ~finite)
+        metrics["overflow"] = ~finite
+    return TrainState(new_params, new_state, state.step + 1, scale), metrics
+
+
+def make_fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule,
+                    loss_scale: DynamicLossScale | None = None):
+    """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
+    return jax.jit(functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale),
+                   donate_argnums=0)
+
+
+# ---- the standard, unfused path, for comparison ---------------------------------------------
+def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
+    """The same loss with the same checkpointing policy: only layer inputs are saved."""
+    positions, mask = _inputs(batch)
+    layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
+    h, _ = jax.lax.scan(lambda h, p: (layer(p, h), None),
+                        embed(cfg, params["embed"], batch.input_ids), params["layers"])
+    return cross_entropy(head(cfg, params, h), batch.labels)
+
+
+def loss_fn(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
+    return cross_entropy(forward(cfg, params, batch.input_ids, batch.positions,
+                                 batch.segment_ids), batch.labels)
+
+
+def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
+    """`jax.grad` + an optax optimizer: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def unfused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState,
+                 batch: Batch):
+    """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal."""
+    loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(state.params, batch)
+    sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0))
+    if rule.clip_grad_norm is not None:
+        sc = sc._replace(clip_coef=clip_coefficient(rule, jnp.sqrt(global_norm_sq(grads, 1.0))))
+    params, opt_state = apply_updates(rule, state.params, grads, state.opt_state, sc)
+    return TrainState(params, opt_state, state.step + 1, state.scale), loss

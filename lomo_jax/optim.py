@@ -1,0 +1,156 @@
+"""LOMO and AdaLomo as per-tensor update rules over pytrees, with the exact semantics of the
+paper authors' `lomo-optim` 0.1.1 (see ../shared/DESIGN.md section 3).
+
+A rule sees one tensor at a time -- (param, float32 gradient, its state) -- which is what lets the
+fused engine apply it inside the reverse layer scan; `apply_updates` drives the same rules over a
+whole gradient tree, so plain `jax.grad` code can use them too. Decoder weights are stacked
+[L, ...]: the engine hands the rules one layer's slice, and `apply_updates` vmaps over the layer
+axis, so each layer keeps its own AdaLomo factors either way. Math is float32; the result is cast
+back to the parameter's dtype (no master copy, as in the paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+State = Any
+
+
+class StepScalars(NamedTuple):
+    """Per-step values the rules need; traced, so changing them never recompiles."""
+
+    lr: jax.Array  # the schedule's learning rate for this step
+    t: jax.Array  # AdaLomo's step counter, 1 on the first step
+    clip_coef: jax.Array  # min(1, max_norm / (norm + 1e-6)); 1 without norm clipping
+    loss_scale: jax.Array  # gradients arrive multiplied by this (1 unless float16)
+
+
+class UpdateRule(Protocol):
+    clip_grad_norm: float | None
+    clip_grad_value: float | None
+
+    def init(self, p: jax.Array) -> State: ...
+
+    def update(self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars) -> tuple[jax.Array, State]: ...
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def prepare_grad(g: jax.Array, sc: StepScalars, clip_grad_value: float | None) -> jax.Array:
+    """Unscale, clip by value, then by the global-norm coefficient, as the reference orders it."""
+    g = g.astype(jnp.float32) / sc.loss_scale
+    if clip_grad_value is not None and clip_grad_value > 0:
+        g = jnp.clip(g, -clip_grad_value, clip_grad_value)
+    return g * sc.clip_coef
+
+
+@dataclasses.dataclass(frozen=True)
+class Lomo:
+    """Fused SGD: w <- w * (1 - lr * wd) - lr * g."""
+
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+
+    def init(self, p: jax.Array) -> State:
+        return {}
+
+    def update(self, p, g, s, sc):
+        g = prepare_grad(g, sc, self.clip_grad_value)
+        w = p.astype(jnp.float32)
+        if self.weight_decay:
+            w = w * (1.0 - sc.lr * self.weight_decay)
+        return (w - sc.lr * g).astype(p.dtype), s
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLomo:
+    """Adafactor-style second moments (factored for matrices), update-RMS clipping, and a step
+    scaled by the parameter's RMS. Tensors of more than two dimensions are stacked matrices."""
+
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    eps1: float = 1e-30
+    eps2: float = 1e-3
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+
+    def init(self, p: jax.Array) -> State:
+        if p.ndim >= 2:
+            return {"row": jnp.zeros(p.shape[:-1], jnp.float32),
+                    "col": jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32)}
+        return {"v": jnp.zeros(p.shape, jnp.float32)}
+
+    def update(self, p, g, s, sc):
+        if p.ndim > 2:  # a stack of matrices: each keeps its own factors, RMS and step size
+            return jax.vmap(lambda p_, g_, s_: self.update(p_, g_, s_, sc))(p, g, s)
+        g = prepare_grad(g, sc, self.clip_grad_value)
+        beta = 1.0 - jnp.power(sc.t.astype(jnp.float32), self.decay_rate)
+        sq = g * g + self.eps1
+        if p.ndim == 2:
+            row = beta * s["row"] + (1.0 - beta) * jnp.mean(sq, axis=-1)
+            col = beta * s["col"] + (1.0 - beta) * jnp.mean(sq, axis=-2)
+            r_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))[:, None]
+            u = (r_factor * jax.lax.rsqrt(col)[None, :]) * g
+            s = {"row": row, "col": col}
+        else:
+            v = beta * s["v"] + (1.0 - beta) * sq
+            u = jax.lax.rsqrt(v) * g
+            s = {"v": v}
+        u = u / jnp.maximum(1.0, _rms(u) / self.clip_threshold)
+        w = p.astype(jnp.float32)
+        alpha = sc.lr * jnp.maximum(self.eps2, _rms(w))
+        if self.weight_decay:
+            w = w * (1.0 - alpha * self.weight_decay)
+        return (w - alpha * u).astype(p.dtype), s
+
+
+FusedOptimizer = Lomo | AdaLomo
+
+
+def init_state(rule: UpdateRule, params: dict) -> dict:
+    """Optimizer state mirroring `params`; stacked layer weights get per-layer state."""
+    state = {k: jax.tree.map(rule.init, v) for k, v in params.items() if k != "layers"}
+    state["layers"] = jax.tree.map(jax.vmap(rule.init), params["layers"])
+    return state
+
+
+def map_rule(rule: UpdateRule, params, grads, state, sc: StepScalars):
+    """Applies `rule` leaf by leaf; `state` has `params` as a prefix (a state node per param)."""
+    leaves, treedef = jax.tree.flatten(params)
+    g_leaves = treedef.flatten_up_to(grads)
+    s_nodes = treedef.flatten_up_to(state)
+    out = [rule.update(p, g, s, sc) for p, g, s in zip(leaves, g_leaves, s_nodes)]
+    return treedef.unflatten([o[0] for o in out]), treedef.unflatten([o[1] for o in out])
+
+
+def apply_updates(rule: UpdateRule, params: dict, grads: dict, state: dict, sc: StepScalars):
+    """The unfused path: one update of a whole tree from a full gradient tree (from `jax.grad`)."""
+    new_p, new_s = {}, {}
+    for k in params:
+        if k == "layers":
+            f = jax.vmap(lambda p, g, s: map_rule(rule, p, g, s, sc))
+            new_p[k], new_s[k] = f(params[k], grads[k], state[k])
+        else:
+            new_p[k], new_s[k] = map_rule(rule, params[k], grads[k], state[k], sc)
+    return new_p, new_s
+
+
+def global_norm_sq(grads, loss_scale) -> jax.Array:
+    return sum(jnp.sum(jnp.square(g.astype(jnp.float32) / loss_scale))
+               for g in jax.tree.leaves(grads))
+
+
+def clip_coefficient(rule: UpdateRule, norm: jax.Array) -> jax.Array:
+    if rule.clip_grad_norm is None:
+        return jnp.float32(1.0)
+    if rule.clip_grad_norm <= 0:
+        raise ValueError(f"clip_grad_norm must be positive, got {rule.clip_grad_norm}")
+    return jnp.minimum(1.0, rule.clip_grad_norm / (norm + 1e-6))

@@ -1,0 +1,123 @@
+"""Every bad input: one line on stderr naming the file and the problem, exit 1, nothing written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from convert.synthetic import random_hf_tensors, write_hf, write_meta
+from lomo_jax.cli import main
+from tests.conftest import CONFIGS, make_hf_dir
+
+CFG = CONFIGS["gqa"]
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def hf_missing_shard(tmp):
+    d = make_hf_dir(tmp / "src", CFG, max_shard_bytes=40_000)
+    victim = sorted(d.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    return d, victim.name, "file not found"
+
+
+def hf_truncated(tmp):
+    d = make_hf_dir(tmp / "src", CFG)
+    truncate(d / "model.safetensors")
+    return d, "model.safetensors", "truncated or corrupt"
+
+
+def hf_unknown_tensor(tmp):
+    tensors = list(random_hf_tensors(CFG)) + [("model.layers.0.mystery.weight", np.ones(3, np.float32))]
+    return write_hf(tmp / "src", CFG, iter(tensors)), "model.safetensors", "unknown tensor name 'model.layers.0.mystery.weight'"
+
+
+def hf_missing_tensor(tmp):
+    tensors = [(n, a) for n, a in random_hf_tensors(CFG) if n != "model.layers.1.mlp.up_proj.weight"]
+    return write_hf(tmp / "src", CFG, iter(tensors)), "src", "missing tensor 'model.layers.1.mlp.up_proj.weight'"
+
+
+def hf_wrong_shape(tmp):
+    d = make_hf_dir(tmp / "src", CFG)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 200
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, "model.safetensors", "the config says (64, 200)"
+
+
+def hf_not_llama(tmp):
+    d = make_hf_dir(tmp / "src", CFG)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, "config.json", "model_type is 'mistral', not 'llama'"
+
+
+def hf_bad_json(tmp):
+    d = make_hf_dir(tmp / "src", CFG)
+    (d / "config.json").write_text("{not json")
+    return d, "config.json", "invalid JSON"
+
+
+def meta_truncated_shard(tmp):
+    d = write_meta(tmp / "src", CFG, random_hf_tensors(CFG), n_shards=2, multiple_of=32)
+    truncate(d / "consolidated.01.pth")
+    return d, "consolidated.01.pth", "cannot read PyTorch checkpoint"
+
+
+def llama2c_truncated(tmp):
+    f = tmp / "model.bin"
+    header = np.array([64, 192, 2, 4, 2, 96, 32], np.int32).tobytes()
+    f.write_bytes(header + np.zeros(1000, np.float32).tobytes())
+    return f, "model.bin", "truncated"
+
+
+def missing_source(tmp):
+    return tmp / "nowhere", "nowhere", "no such file or directory"
+
+
+CASES = [hf_missing_shard, hf_truncated, hf_unknown_tensor, hf_missing_tensor, hf_wrong_shape,
+         hf_not_llama, hf_bad_json, meta_truncated_shard, llama2c_truncated, missing_source]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_import_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
+    src, file_part, problem = case(tmp_path)
+    out_parent = tmp_path / "outs"
+    out_parent.mkdir()
+    assert main(["import", str(src), str(out_parent / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("lomo-jax: error: ") and file_part in err and problem in err, err
+    assert list(out_parent.iterdir()) == [], "a partial output was left behind"
+
+
+def test_existing_output_is_never_touched(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert main(["import", str(src), str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_export_of_a_non_checkpoint_fails_cleanly(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    assert main(["export", str(src), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not a lomo-jax checkpoint" in err and str(src) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_tokenizer_fails_cleanly(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    bogus = tmp_path / "tok.model"
+    bogus.write_bytes(b"not a sentencepiece model")
+    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 0
+    assert main(["generate", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizer.model" in err and "not a SentencePiece model" in err
