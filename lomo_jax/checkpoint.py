@@ -27,25 +27,40 @@ def is_checkpoint(path: str | Path) -> bool:
     return (p / PARAMS_DIR).is_dir() and (p / CONFIG_FILE).is_file()
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    # Write at most ~1 GB at a time: orbax otherwise stages host copies of every array at once,
+    # which doubles the peak memory of an import.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1,
+                                                        restore_concurrent_gb=1))
+
+
+def to_device_in_place(tree: dict) -> dict:
+    """Replaces each numpy leaf of a nested dict by a jax array, one at a time, so the host copy
+    of a leaf is freed as soon as its device copy exists (never two copies of the model)."""
+    for k, v in tree.items():
+        tree[k] = to_device_in_place(v) if isinstance(v, dict) else jax.device_put(v)
+    return tree
+
+
 def write_params(path: Path, params: Any) -> None:
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path.absolute(), params)
-        ckptr.wait_until_finished()
+    with _checkpointer() as ckptr:
+        ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(params))
 
 
 def read_params(path: Path, sharding: Any = None) -> Any:
-    """Restores the tree; with `sharding` (a tree of shardings or one for all) onto devices."""
+    """Restores the tree; with `sharding` (a tree of shardings, or one for all) onto devices."""
     path = path.absolute()
-    with ocp.StandardCheckpointer() as ckptr:
+    with _checkpointer() as ckptr:
         meta = ckptr.metadata(path)
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = (sharding if not isinstance(sharding, jax.sharding.Sharding)
-                     else jax.tree.map(lambda _: sharding, tree))
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                              tree, shardings)
-        return ckptr.restore(path, target)
+        if isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.tree.map(lambda _: sharding, tree)
+        restore_args = jax.tree.map(
+            lambda m, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype),
+            tree, sharding)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def save_pretrained(

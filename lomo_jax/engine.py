@@ -32,7 +32,18 @@ import optax
 
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
-from lomo_jax.model import causal_mask, decoder_layer, default_positions, embed, forward, head
+from lomo_jax.model import (
+    ATTENTION_KEYS,
+    MLP_KEYS,
+    attention_block,
+    causal_mask,
+    decoder_layer,
+    default_positions,
+    embed,
+    forward,
+    head,
+    mlp_block,
+)
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
@@ -67,19 +78,63 @@ def init_train_state(rule: UpdateRule, params: Any, float16: bool = False,
     return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
 
 
+def _next_token_targets(labels_BT: jax.Array) -> jax.Array:
+    """Position t is scored on labels[t + 1]; the last position has no target."""
+    pad = jnp.full((labels_BT.shape[0], 1), IGNORE, labels_BT.dtype)
+    return jnp.concatenate([labels_BT[:, 1:], pad], axis=1)
+
+
+def _nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    valid = targets_BT != IGNORE
+    logits = logits_BTV.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets_BT, 0)[..., None], -1)[..., 0]
+    return jnp.sum((logz - picked) * valid)
+
+
+def _num_targets(labels_BT: jax.Array) -> jax.Array:
+    return jnp.maximum(1, jnp.sum(_next_token_targets(labels_BT) != IGNORE))
+
+
 def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy over labels != -100, like transformers' `labels=input_ids`."""
-    logits = logits_BTV[:, :-1].astype(jnp.float32)
-    labels = labels_BT[:, 1:]
-    valid = labels != IGNORE
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum((logz - picked) * valid) / jnp.maximum(1, jnp.sum(valid))
+    return _nll_sum(logits_BTV, _next_token_targets(labels_BT)) / _num_targets(labels_BT)
 
 
 def _head_params(cfg: LlamaConfig, params) -> dict:
     key = "embed" if cfg.tie_word_embeddings else "lm_head"
     return {"norm": params["norm"], key: params[key]}
+
+
+def _head_chunks(batch: int, length: int, vocab: int, max_logit_bytes: int = 64 * 2**20) -> int:
+    """How many pieces to split the sequence into so one piece's float32 logits stay small."""
+    n = 1
+    while batch * (length // n) * vocab * 4 > max_logit_bytes and length % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+def _head_backward(cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, labels_BT: jax.Array,
+                   cotangent: jax.Array):
+    """Loss, the head's gradients (float32) and dh, computed over sequence chunks so the full
+    [B, T, V] logits never exist at once."""
+    B, T, D = h_BTD.shape
+    n = _head_chunks(B, T, cfg.vocab_size)
+    count = _num_targets(labels_BT)
+    targets_CBT = _next_token_targets(labels_BT).reshape(B, n, T // n).transpose(1, 0, 2)
+    h_CBTD = h_BTD.reshape(B, n, T // n, D).transpose(1, 0, 2, 3)
+
+    def body(carry, x):
+        g_acc, loss_acc = carry
+        h_c, t_c = x
+        nll, vjp = jax.vjp(lambda p, h: _nll_sum(head(cfg, p, h), t_c), hp, h_c)
+        g, dh_c = vjp(cotangent / count)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        return (g_acc, loss_acc + nll), dh_c
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), hp)
+    (g, nll), dh_CBTD = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (h_CBTD, targets_CBT))
+    return nll / count, g, dh_CBTD.transpose(1, 0, 2, 3).reshape(B, T, D)
 
 
 def _inputs(batch: Batch):
@@ -110,43 +165,52 @@ def _depends_on(tree, *deps):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
+def _layer_backward(cfg: LlamaConfig, p_i, h_i, dh, positions, mask):
+    """Yields (gradients of layer i's parameters, dh below the layer)."""
+    _, vjp = jax.vjp(lambda p, h: decoder_layer(cfg, p, h, positions, mask), p_i, h_i)
+    yield vjp(dh)
+
+
 def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only):
     """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
     touch nothing; otherwise update every tensor as its gradient appears."""
     positions, mask = _inputs(batch)
-    tied = cfg.tie_word_embeddings
-    layer = lambda p, h: decoder_layer(cfg, p, h, positions, mask)  # noqa: E731
+    g_head = dict(g_head)
     g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
 
+    def embedding_grad(dh0):
+        g = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
+        return g if g_head_emb is None else g + g_head_emb
+
     if measure_only:
-        sumsq, finite = global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head)
-
-        def body(carry, x):
+        def measure(carry, x):
             dh, acc, ok = carry
-            _, vjp = jax.vjp(layer, *x)
-            g, dh = vjp(dh)
-            return (dh, acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)), None
+            p_i, h_i = x
+            for g, dh in _layer_backward(cfg, p_i, h_i, dh, positions, mask):
+                acc, ok = acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)
+            return (dh, acc, ok), None
 
-        (dh0, sumsq, finite), _ = jax.lax.scan(body, (dh_L, sumsq, finite),
-                                               (params["layers"], hs), reverse=True)
-        g_emb = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
-        if tied:
-            g_emb = g_emb + g_head_emb.astype(jnp.float32)
+        init = (dh_L, global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head))
+        (dh0, sumsq, finite), _ = jax.lax.scan(measure, init, (params["layers"], hs),
+                                               reverse=True)
+        g_emb = embedding_grad(dh0)
         return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
 
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():
         new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc)
 
-    def body(carry, x):
+    def update(carry, x):
         p_layers, s_layers, dh = carry
         h_i, i = x
         p_i = jax.tree.map(lambda a: a[i], p_layers)
         s_i = jax.tree.map(lambda a: a[i], s_layers)
-        _, vjp = jax.vjp(layer, p_i, h_i)
-        g_i, dh = vjp(dh)
-        g_i = _depends_on(g_i, dh)  # dh reads every weight of layer i: reads before writes
-        p_i, s_i = map_rule(rule, p_i, g_i, s_i, sc)
+        for g, dh in _layer_backward(cfg, p_i, h_i, dh, positions, mask):
+            g = _depends_on(g, dh)  # dh reads every weight of the block: reads before writes
+            keys = list(g)
+            sub_p, sub_s = map_rule(rule, {k: p_i[k] for k in keys}, g,
+                                    {k: s_i[k] for k in keys}, sc)
+            p_i, s_i = {**p_i, **sub_p}, {**s_i, **sub_s}
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
         p_layers = jax.tree.map(put, p_layers, p_i)
         # The rule's state reads feed the weight update: state writes after the weight writes.
@@ -155,13 +219,9 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
 
     idx = jnp.arange(cfg.num_hidden_layers)
     (new_params["layers"], new_state["layers"], dh0), _ = jax.lax.scan(
-        body, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True)
-
-    g_emb = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
-    if tied:
-        g_emb = g_emb + g_head_emb.astype(jnp.float32)
+        update, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True)
     new_params["embed"], new_state["embed"] = map_rule(
-        rule, params["embed"], {"embedding": g_emb}, opt_state["embed"], sc)
+        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc)
     return new_params, new_state
 
 
@@ -176,23 +236,21 @@ def fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: Tr
 
     h_L, hs = jax.lax.scan(save_inputs, embed(cfg, params["embed"], batch.input_ids),
                            params["layers"])
-    head_loss = lambda hp, h: cross_entropy(head(cfg, hp, h), batch.labels)  # noqa: E731
-    loss, head_vjp = jax.vjp(head_loss, _head_params(cfg, params), h_L)
-    g_head, dh_L = head_vjp(state.scale.scale)  # gradients of loss * scale
-
+    # Gradients of loss * scale (scale = 1 unless float16).
+    loss, g_head, dh_L = _head_backward(cfg, _head_params(cfg, params), h_L, batch.labels,
+                                        state.scale.scale)
     sc = StepScalars(lr=schedule(state.step), t=state.step + 1, clip_coef=jnp.float32(1.0),
                      loss_scale=state.scale.scale)
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
-    needs_norm = rule.clip_grad_norm is not None or loss_scale is not None
     finite = jnp.bool_(True)
-    if needs_norm:
+    if rule.clip_grad_norm is not None or loss_scale is not None:
         sumsq, finite = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
-                                        dict(g_head), sc, measure_only=True)
+                                        g_head, sc, measure_only=True)
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
     new_params, new_state = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
-                                            dict(g_head), sc, measure_only=False)
+                                            g_head, sc, measure_only=False)
     scale = state.scale
     if loss_scale is not None:
         # An overflow skips the whole step: every tensor keeps its old value, bit for bit.

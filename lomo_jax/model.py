@@ -7,6 +7,9 @@ The model is three pure functions of (params, inputs) that compose as
         h = decoder_layer(cfg, layer_slice(params["layers"], i), h, positions, mask)
     logits = head(cfg, params, h)                                  # final norm + lm_head
 
+and a decoder layer is itself two residual blocks, `mlp_block(attention_block(h))`, callable on
+their own with the parameters of ATTENTION_KEYS and MLP_KEYS.
+
 `params["layers"]` holds every decoder weight with a leading layer axis [L, ...], which is what
 `lax.scan` consumes and what the fused LOMO engine walks backwards. `forward` is exactly that
 composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the converters
@@ -136,21 +139,50 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Two residual blocks; the fused engine takes each block's vjp on its own, halving the
+    gradients alive at once."""
+
     cfg: LlamaConfig
 
-    @nn.compact
+    def setup(self):
+        eps = self.cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(eps)
+        self.self_attn = Attention(self.cfg)
+        self.post_attention_layernorm = RMSNorm(eps)
+        self.mlp = MLP(self.cfg)
+
+    def attention_block(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
+        attn_BTD, cache = self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask_BTS,
+                                         cache, index)
+        return h_BTD + attn_BTD, cache
+
+    def mlp_block(self, h_BTD):
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+
     def __call__(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
-        cfg = self.cfg
-        x = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(h_BTD)
-        attn_BTD, cache = Attention(cfg, name="self_attn")(x, positions_BT, mask_BTS, cache, index)
-        h_BTD = h_BTD + attn_BTD
-        x = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(h_BTD)
-        return h_BTD + MLP(cfg, name="mlp")(x), cache
+        h_BTD, cache = self.attention_block(h_BTD, positions_BT, mask_BTS, cache, index)
+        return self.mlp_block(h_BTD), cache
 
 
-# ---- the three pure pieces ------------------------------------------------------------------
+# ---- the pure pieces ------------------------------------------------------------------------
+ATTENTION_KEYS = ("input_layernorm", "self_attn")  # the parameters of each block of a layer
+MLP_KEYS = ("post_attention_layernorm", "mlp")
+
+
 def embed(cfg: LlamaConfig, p_embed: Params, ids_BT: jax.Array) -> jax.Array:
     return jnp.take(p_embed["embedding"], ids_BT, axis=0)
+
+
+def attention_block(cfg: LlamaConfig, p_attn: Params, h_BTD: jax.Array, positions_BT: jax.Array,
+                    mask_BTS: jax.Array) -> jax.Array:
+    """h + attention(norm(h)); `p_attn` holds ATTENTION_KEYS of one layer."""
+    return DecoderLayer(cfg).apply({"params": p_attn}, h_BTD, positions_BT, mask_BTS,
+                                   method="attention_block")[0]
+
+
+def mlp_block(cfg: LlamaConfig, p_mlp: Params, h_BTD: jax.Array) -> jax.Array:
+    """h + mlp(norm(h)); `p_mlp` holds MLP_KEYS of one layer."""
+    return DecoderLayer(cfg).apply({"params": p_mlp}, h_BTD, method="mlp_block")
 
 
 def decoder_layer(

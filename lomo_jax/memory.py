@@ -1,0 +1,69 @@
+"""Compile-time memory planning: lower a step on abstract shapes (`jax.ShapeDtypeStruct`) and
+read XLA's memory analysis, so a 65B model can be planned on a laptop without allocating it.
+
+peak = arguments + outputs + temporaries - aliased (donated buffers reused as outputs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lomo_jax.config import LlamaConfig
+from lomo_jax.engine import (
+    Batch,
+    checkpointed_loss,
+    init_train_state,
+    loss_fn,
+    make_fused_step,
+    make_optax_step,
+)
+from lomo_jax.loss_scale import DynamicLossScale
+from lomo_jax.model import param_shapes
+from lomo_jax.optim import AdaLomo, Lomo
+from lomo_jax.schedule import Schedule
+
+METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
+
+
+def _bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def lower(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jnp.float32):
+    """The jitted step for `method`, lowered on abstract inputs (nothing is allocated)."""
+    params = param_shapes(cfg, dtype)
+    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    batch = Batch(ids, ids)
+    if method == "inference":
+        return jax.jit(functools.partial(loss_fn, cfg)).lower(params, batch), params
+    if method.startswith("fused-"):
+        rule = Lomo() if method == "fused-lomo" else AdaLomo()
+        float16 = jnp.dtype(dtype) == jnp.float16
+        state = jax.eval_shape(lambda p: init_train_state(rule, p, float16), params)
+        step = make_fused_step(cfg, rule, Schedule(1e-3), DynamicLossScale() if float16 else None)
+        return step.lower(state, batch), params
+    tx = {"sgd": optax.sgd(1e-3), "adamw": optax.adamw(1e-3)}[method]
+    opt_state = jax.eval_shape(tx.init, params)
+    return make_optax_step(cfg, tx).lower(params, opt_state, batch), params
+
+
+def analyze(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int,
+            dtype=jnp.float32) -> dict:
+    lowered, params = lower(cfg, method, batch_size, seq_len, dtype)
+    m = lowered.compile().memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+    param_bytes = _bytes(params)
+    return {"method": method, "param_bytes": param_bytes, "peak_bytes": peak,
+            "peak_over_params": round(peak / param_bytes, 4),
+            "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+            "batch_size": batch_size, "seq_len": seq_len, "dtype": jnp.dtype(dtype).name}
+
+
+__all__ = ["METHODS", "analyze", "checkpointed_loss", "lower"]
