@@ -30,8 +30,9 @@ def is_checkpoint(path: str | Path) -> bool:
 def _checkpointer() -> ocp.Checkpointer:
     # Write at most ~1 GB at a time: orbax otherwise stages host copies of every array at once,
     # which doubles the peak memory of an import.
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1,
-                                                        restore_concurrent_gb=1))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=1, restore_concurrent_gb=1,
+        save_device_host_concurrent_gb=1))
 
 
 def to_device_in_place(tree: dict) -> dict:

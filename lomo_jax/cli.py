@@ -39,6 +39,14 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     sys.stdout.write(text + "\n")
 
 
+def _cmd_train(a: argparse.Namespace) -> None:
+    from lomo_jax.train import TrainConfig, train
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    kw = {k: v for k, v in vars(a).items() if k in fields}
+    train(TrainConfig(**kw, shuffle=not a.no_shuffle))
+
+
 def _cmd_demo(a: argparse.Namespace) -> None:
     from lomo_jax.demo import run_demo
 
@@ -76,6 +84,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.set_defaults(func=_cmd_generate)
 
+    s = sub.add_parser("train", help="full-parameter fine-tuning with fused LOMO / AdaLomo")
+    s.add_argument("--model", required=True, help="anything from_pretrained reads")
+    s.add_argument("--data", required=True, help="JSON lines {\"input_ids\": [...]}, seq-len each")
+    s.add_argument("--out", required=True, help="output lomo-jax checkpoint directory")
+    s.add_argument("--optimizer", default="adalomo", choices=["lomo", "adalomo", "sgd", "adamw"])
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--clip-grad-norm", type=float)
+    s.add_argument("--clip-grad-value", type=float)
+    s.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    s.add_argument("--warmup-steps", type=int, default=0)
+    s.add_argument("--no-shuffle", action="store_true", help="step k uses rows k*B..k*B+B-1")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                   help="only for sgd/adamw: fused optimizers keep no gradients to accumulate")
+    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    s.set_defaults(func=_cmd_train)
+
     s = sub.add_parser("demo", help="the main job on an embedded default model")
     s.add_argument("--out", default="demo_out", help="where the demo writes its files")
     s.set_defaults(func=_cmd_demo)
@@ -86,15 +117,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from convert.errors import ConversionError
     from lomo_jax.atomic import OutputExistsError
     from lomo_jax.tokenizer import TokenizerError
+    from lomo_jax.train import ConfigError, DataError
 
-    return ConversionError, OutputExistsError, TokenizerError, FileNotFoundError
+    return (ConversionError, OutputExistsError, TokenizerError, DataError, ConfigError,
+            FileNotFoundError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None, errors: Callable[[], tuple] = _user_errors) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.propagate = False
     try:
         args.func(args)
     except errors() as e:
