@@ -26,5 +26,4 @@ def load(path: str | Path, tokenizer: str | Path | None = None,
 def import_checkpoint(src: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                       dtype: Any = None, overwrite: bool = False) -> Path:
     cfg, params, files = load(src, tokenizer, dtype)
-    params = checkpoint.to_device_in_place(params)
     return checkpoint.save_pretrained(out, cfg, params, files, overwrite)

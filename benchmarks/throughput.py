@@ -1,0 +1,134 @@
+"""Tokens/s of one training step per method, in one run, same threads, same model.
+
+    python benchmarks/throughput.py [--steps 3] [--batch-size 4] [--seq-len 512] [--json]
+
+Methods: fused-lomo, fused-adalomo (this library), sgd, adamw (jax.grad + optax with the same
+layer-boundary checkpointing), torch-lomo, torch-adalomo (the paper authors' lomo-optim on
+transformers' LlamaForCausalLM with gradient checkpointing). Default model: a ~130M-parameter
+LLaMA (hidden 768, 12 layers, vocab 32000). The first step of each method (compilation) is not
+timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from lomo_jax.config import LlamaConfig
+
+METHODS = ("fused-lomo", "fused-adalomo", "sgd", "adamw", "torch-lomo", "torch-adalomo")
+CONFIG = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                     num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=1024)
+
+
+def time_steps(step, n: int) -> float:
+    step()  # compile / warm up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def jax_step(method: str, ids: np.ndarray):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lomo_jax.engine import Batch, init_train_state, make_fused_step, make_optax_step
+    from lomo_jax.model import init_params
+    from lomo_jax.optim import AdaLomo, Lomo
+    from lomo_jax.schedule import Schedule
+
+    params = init_params(CONFIG, jax.random.key(0))
+    batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
+    box = {}
+    if method.startswith("fused-"):
+        rule = Lomo() if method == "fused-lomo" else AdaLomo()
+        fn = make_fused_step(CONFIG, rule, Schedule(1e-3))
+        box["s"] = init_train_state(rule, params)
+
+        def step():
+            box["s"], m = fn(box["s"], batch)
+            jax.block_until_ready(m["loss"])
+    else:
+        tx = optax.sgd(1e-3) if method == "sgd" else optax.adamw(1e-3)
+        fn = make_optax_step(CONFIG, tx)
+        box["p"], box["o"] = params, tx.init(params)
+
+        def step():
+            box["p"], box["o"], loss = fn(box["p"], box["o"], batch)
+            jax.block_until_ready(loss)
+    return step
+
+
+def torch_step(method: str, ids: np.ndarray):
+    import lomo_optim
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in CONFIG.to_hf_dict().items()
+                                         if k not in ("architectures", "model_type")})
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    model.gradient_checkpointing_enable()
+    model.train()
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self  # AdaLomo's constructor calls .cuda()
+    try:
+        opt = (lomo_optim.Lomo(model, lr=1e-3) if method == "torch-lomo"
+               else lomo_optim.AdaLomo(model, lr=1e-3))
+    finally:
+        torch.Tensor.cuda = original
+    t = torch.from_numpy(ids).long()
+
+    def step():
+        loss = model(input_ids=t, labels=t).loss
+        opt.fused_backward(loss, 1e-3)
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    import torch
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (a.batch_size, a.seq_len),
+                                            dtype=np.int32)
+    rows = []
+    for method in a.methods.split(","):
+        make = torch_step if method.startswith("torch") else jax_step
+        seconds = time_steps(make(method, ids), a.steps)
+        rows.append({"method": method, "seconds_per_step": round(seconds, 3),
+                     "tokens_per_s": round(ids.size / seconds, 1), "threads": threads,
+                     "params": CONFIG.num_params, "batch_size": a.batch_size,
+                     "seq_len": a.seq_len})
+    by = {r["method"]: r["tokens_per_s"] for r in rows}
+    for r in rows:
+        if "sgd" in by:
+            r["vs_sgd"] = round(r["tokens_per_s"] / by["sgd"], 3)
+        if "torch-lomo" in by:
+            r["vs_torch_lomo"] = round(r["tokens_per_s"] / by["torch-lomo"], 3)
+    if a.json:
+        print(json.dumps(rows))
+        return
+    print(f"{CONFIG.num_params / 1e6:.0f}M params, batch {a.batch_size} x {a.seq_len}, "
+          f"{threads} threads")
+    for r in rows:
+        print(f"{r['method']:15s} {r['tokens_per_s']:10.1f} tok/s  "
+              f"x{r.get('vs_sgd', float('nan')):.2f} vs sgd  "
+              f"x{r.get('vs_torch_lomo', float('nan')):.2f} vs torch-lomo")
+
+
+if __name__ == "__main__":
+    main()
