@@ -18,11 +18,9 @@ from pathlib import Path
 from convert.synthetic import random_hf_tensors, write_hf
 from lomo_jax.config import LlamaConfig
 
-
 # The peak RSS of this process's own address space. (getrusage's ru_maxrss would carry over the
 # parent's peak across fork + exec, and the parent just wrote the whole checkpoint.)
-_HWM = ("int(next(l.split()[1] for l in open('/proc/self/status') "
-        "if l.startswith('VmHWM:'))) * 1024")
+_HWM = "int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))) * 1024"
 
 
 def dir_bytes(d: Path) -> int:
@@ -32,8 +30,10 @@ def dir_bytes(d: Path) -> int:
 def child_peak_rss(argv: list[str]) -> tuple[int, float]:
     """Runs argv in a fresh process; returns (its peak RSS in bytes, seconds)."""
     t0 = time.perf_counter()
-    code = ("import sys; from lomo_jax.cli import main; rc = main(sys.argv[1:]); "
-            f"print({_HWM}, file=sys.stderr); sys.exit(rc)")
+    code = (
+        "import sys; from lomo_jax.cli import main; rc = main(sys.argv[1:]); "
+        f"print({_HWM}, file=sys.stderr); sys.exit(rc)"
+    )
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr)
@@ -52,17 +52,27 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
-                      num_hidden_layers=a.layers, num_attention_heads=a.hidden // 128)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=a.hidden,
+        intermediate_size=a.hidden * 11 // 4,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.hidden // 128,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         src = write_hf(Path(tmp) / "hf", cfg, random_hf_tensors(cfg), max_shard_bytes=2**28)
         size = dir_bytes(src)
         peak, secs = child_peak_rss(["import", str(src), str(Path(tmp) / "ckpt")])
     base = baseline_rss()
-    row = {"checkpoint_bytes": size, "params": cfg.num_params, "peak_rss_bytes": peak,
-           "libraries_rss_bytes": base, "peak_over_checkpoint": round(peak / size, 3),
-           "peak_minus_libraries_over_checkpoint": round((peak - base) / size, 3),
-           "seconds": round(secs, 1)}
+    row = {
+        "checkpoint_bytes": size,
+        "params": cfg.num_params,
+        "peak_rss_bytes": peak,
+        "libraries_rss_bytes": base,
+        "peak_over_checkpoint": round(peak / size, 3),
+        "peak_minus_libraries_over_checkpoint": round((peak - base) / size, 3),
+        "seconds": round(secs, 1),
+    }
     if a.json:
         print(json.dumps(row))
     else:

@@ -28,16 +28,19 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
     cfg = preset(a.model)
-    rows = [analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype))
-            for m in a.methods.split(",")]
+    rows = [
+        analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype)) for m in a.methods.split(",")
+    ]
     if a.json:
         print(json.dumps(rows))
         return
     print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}")
     print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s}")
     for r in rows:
-        print(f"{r['method']:15s} {r['param_bytes'] / 1e9:10.2f} {r['peak_bytes'] / 1e9:9.2f} "
-              f"{r['peak_over_params']:12.3f}")
+        print(
+            f"{r['method']:15s} {r['param_bytes'] / 1e9:10.2f} {r['peak_bytes'] / 1e9:9.2f} "
+            f"{r['peak_over_params']:12.3f}"
+        )
 
 
 if __name__ == "__main__":

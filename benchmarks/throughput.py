@@ -21,8 +21,14 @@ import numpy as np
 from lomo_jax.config import LlamaConfig
 
 METHODS = ("fused-lomo", "fused-adalomo", "sgd", "adamw", "torch-lomo", "torch-adalomo")
-CONFIG = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                     num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=1024)
+CONFIG = LlamaConfig(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=1024,
+)
 
 
 def time_steps(step, n: int) -> float:
@@ -62,6 +68,7 @@ def jax_step(method: str, ids: np.ndarray):
         def step():
             box["p"], box["o"], loss = fn(box["p"], box["o"], batch)
             jax.block_until_ready(loss)
+
     return step
 
 
@@ -71,16 +78,20 @@ def torch_step(method: str, ids: np.ndarray):
     import transformers
 
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in CONFIG.to_hf_dict().items()
-                                         if k not in ("architectures", "model_type")})
+    hf_cfg = transformers.LlamaConfig(
+        **{k: v for k, v in CONFIG.to_hf_dict().items() if k not in ("architectures", "model_type")}
+    )
     model = transformers.LlamaForCausalLM(hf_cfg)
     model.gradient_checkpointing_enable()
     model.train()
     original = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self  # AdaLomo's constructor calls .cuda()
     try:
-        opt = (lomo_optim.Lomo(model, lr=1e-3) if method == "torch-lomo"
-               else lomo_optim.AdaLomo(model, lr=1e-3))
+        opt = (
+            lomo_optim.Lomo(model, lr=1e-3)
+            if method == "torch-lomo"
+            else lomo_optim.AdaLomo(model, lr=1e-3)
+        )
     finally:
         torch.Tensor.cuda = original
     t = torch.from_numpy(ids).long()
@@ -88,6 +99,7 @@ def torch_step(method: str, ids: np.ndarray):
     def step():
         loss = model(input_ids=t, labels=t).loss
         opt.fused_backward(loss, 1e-3)
+
     return step
 
 
@@ -103,16 +115,24 @@ def main() -> None:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (a.batch_size, a.seq_len),
-                                            dtype=np.int32)
+    ids = np.random.default_rng(0).integers(
+        0, CONFIG.vocab_size, (a.batch_size, a.seq_len), dtype=np.int32
+    )
     rows = []
     for method in a.methods.split(","):
         make = torch_step if method.startswith("torch") else jax_step
         seconds = time_steps(make(method, ids), a.steps)
-        rows.append({"method": method, "seconds_per_step": round(seconds, 3),
-                     "tokens_per_s": round(ids.size / seconds, 1), "threads": threads,
-                     "params": CONFIG.num_params, "batch_size": a.batch_size,
-                     "seq_len": a.seq_len})
+        rows.append(
+            {
+                "method": method,
+                "seconds_per_step": round(seconds, 3),
+                "tokens_per_s": round(ids.size / seconds, 1),
+                "threads": threads,
+                "params": CONFIG.num_params,
+                "batch_size": a.batch_size,
+                "seq_len": a.seq_len,
+            }
+        )
     by = {r["method"]: r["tokens_per_s"] for r in rows}
     for r in rows:
         if "sgd" in by:
@@ -122,12 +142,16 @@ def main() -> None:
     if a.json:
         print(json.dumps(rows))
         return
-    print(f"{CONFIG.num_params / 1e6:.0f}M params, batch {a.batch_size} x {a.seq_len}, "
-          f"{threads} threads")
+    print(
+        f"{CONFIG.num_params / 1e6:.0f}M params, batch {a.batch_size} x {a.seq_len}, "
+        f"{threads} threads"
+    )
     for r in rows:
-        print(f"{r['method']:15s} {r['tokens_per_s']:10.1f} tok/s  "
-              f"x{r.get('vs_sgd', float('nan')):.2f} vs sgd  "
-              f"x{r.get('vs_torch_lomo', float('nan')):.2f} vs torch-lomo")
+        print(
+            f"{r['method']:15s} {r['tokens_per_s']:10.1f} tok/s  "
+            f"x{r.get('vs_sgd', float('nan')):.2f} vs sgd  "
+            f"x{r.get('vs_torch_lomo', float('nan')):.2f} vs torch-lomo"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ def _dtype_name(a: np.ndarray) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[a.dtype.name]
 
 
-def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False) -> Path:
+def export_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     from safetensors.torch import save_file
 
     cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
@@ -40,8 +44,11 @@ def export_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = DEFAULT_
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file({name: numpy_to_torch(a) for name, a in shard.items()},
-                      tmp / fname, metadata={"format": "pt"})
+            save_file(
+                {name: numpy_to_torch(a) for name, a in shard.items()},
+                tmp / fname,
+                metadata={"format": "pt"},
+            )
             for name, a in shard.items():
                 weight_map[name] = fname
                 total += a.nbytes
@@ -63,8 +70,19 @@ def _export_tokenizer(files: list[Path], out: Path, cfg) -> None:
     names = {f.name for f in files}
     if names == {"tokenizer.model"}:
         # A bare SentencePiece model: tell transformers which class reads it.
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-            "legacy": True, "model_max_length": cfg.max_position_embeddings,
-        }, indent=2) + "\n")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "legacy": True,
+                    "model_max_length": cfg.max_position_embeddings,
+                },
+                indent=2,
+            )
+            + "\n"
+        )

@@ -13,8 +13,9 @@ from lomo_jax import checkpoint
 from lomo_jax.config import LlamaConfig
 
 
-def load(path: str | Path, tokenizer: str | Path | None = None,
-         dtype: Any = None) -> tuple[LlamaConfig, dict, list[Path]]:
+def load(
+    path: str | Path, tokenizer: str | Path | None = None, dtype: Any = None
+) -> tuple[LlamaConfig, dict, list[Path]]:
     """(config, numpy parameter tree, tokenizer files) of a HF / Meta / llama2.c checkpoint."""
     src = detect(path, tokenizer)
     builder = TreeBuilder(src.config, np.dtype(dtype) if dtype is not None else src.dtype)
@@ -23,7 +24,12 @@ def load(path: str | Path, tokenizer: str | Path | None = None,
     return src.config, builder.finish(str(src.path)), src.tokenizer_files
 
 
-def import_checkpoint(src: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-                      dtype: Any = None, overwrite: bool = False) -> Path:
+def import_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+) -> Path:
     cfg, params, files = load(src, tokenizer, dtype)
     return checkpoint.save_pretrained(out, cfg, params, files, overwrite)

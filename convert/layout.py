@@ -35,7 +35,12 @@ def _layer_tensors(cfg: LlamaConfig) -> Iterator[tuple[str, tuple[int, ...], boo
     """(name inside a layer, HF shape, is a Linear weight)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    for proj, out, inp in (("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q)):
+    for proj, out, inp in (
+        ("q_proj", q, d),
+        ("k_proj", kv, d),
+        ("v_proj", kv, d),
+        ("o_proj", d, q),
+    ):
         yield f"self_attn.{proj}.weight", (out, inp), True
         if cfg.attention_bias:
             yield f"self_attn.{proj}.bias", (out,), False
@@ -100,7 +105,8 @@ class TreeBuilder:
             raise ConversionError(file, f"unknown tensor name {name!r}")
         if tuple(array.shape) != slot.hf_shape:
             raise ConversionError(
-                file, f"tensor {name!r} has shape {tuple(array.shape)}, the config says {slot.hf_shape}"
+                file,
+                f"tensor {name!r} has shape {tuple(array.shape)}, the config says {slot.hf_shape}",
             )
         if name in self.filled:
             raise ConversionError(file, f"tensor {name!r} appears twice")
@@ -121,7 +127,7 @@ class TreeBuilder:
 
 
 def hf_tensors(cfg: LlamaConfig, tree: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """The inverse map: (HF name, [out, in] array view) for every tensor, without copying the tree."""
+    """The inverse map: (HF name, [out, in] view) for every tensor, without copying the tree."""
     for s in slots(cfg):
         node = tree
         for k in s.path:

@@ -17,8 +17,12 @@ from convert.errors import ConversionError
 from convert.layout import meta_to_hf_rows
 from lomo_jax.config import LlamaConfig
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "tokenizer.model")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
 
 
 @dataclasses.dataclass
@@ -58,7 +62,9 @@ def _torch_load(path: Path) -> dict:
         raise ConversionError(path, "file not found") from None
     except Exception as e:  # torch raises many types for corrupt or truncated pickles
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(path, f"cannot read PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+        raise ConversionError(
+            path, f"cannot read PyTorch checkpoint (truncated or corrupt?): {reason}"
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -102,7 +108,9 @@ def _safetensors_tensors(f: Path) -> Iterator[tuple[str, np.ndarray]]:
             for name in st.keys():
                 yield name, torch_to_numpy(st.get_tensor(name))
     except SafetensorError as e:
-        raise ConversionError(f, f"cannot read safetensors file (truncated or corrupt?): {e}") from None
+        raise ConversionError(
+            f, f"cannot read safetensors file (truncated or corrupt?): {e}"
+        ) from None
 
 
 def read_hf(d: Path) -> Source:
@@ -121,7 +129,8 @@ def read_hf(d: Path) -> Source:
                     yield str(f), name, torch_to_numpy(t)
 
     dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(
-        raw.get("torch_dtype") or raw.get("dtype"), np.float32)
+        raw.get("torch_dtype") or raw.get("dtype"), np.float32
+    )
     toks = [d / n for n in HF_TOKENIZER_FILES if (d / n).exists()]
     return Source(d, cfg, tensors, toks, np.dtype(dtype))
 
@@ -130,10 +139,14 @@ def read_hf(d: Path) -> Source:
 # Model-parallel split axis of each weight, in torch [out, in] layout; norms are replicated.
 _META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 _META_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
@@ -163,15 +176,29 @@ def read_meta(d: Path) -> Source:
 
     def make():
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=p["dim"], num_hidden_layers=p["n_layers"],
-            num_attention_heads=n_heads, num_key_value_heads=p.get("n_kv_heads") or n_heads,
-            intermediate_size=_meta_ffn_dim(p["dim"], p.get("multiple_of", 256),
-                                            p.get("ffn_dim_multiplier")),
-            rms_norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
-            rope_scaling=({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-                          if p.get("use_scaled_rope") else None),
-            bos_token_id=128000 if llama3 else 1, eos_token_id=128001 if llama3 else 2,
+            vocab_size=vocab,
+            hidden_size=p["dim"],
+            num_hidden_layers=p["n_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=p.get("n_kv_heads") or n_heads,
+            intermediate_size=_meta_ffn_dim(
+                p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")
+            ),
+            rms_norm_eps=p.get("norm_eps", 1e-5),
+            rope_theta=p.get("rope_theta", 10000.0),
+            rope_scaling=(
+                {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+                if p.get("use_scaled_rope")
+                else None
+            ),
+            bos_token_id=128000 if llama3 else 1,
+            eos_token_id=128001 if llama3 else 2,
         )
 
     cfg = _config(params_path, make)
@@ -183,11 +210,16 @@ def read_meta(d: Path) -> Source:
             pieces = []
             for shard, part in zip(shards, parts):
                 if name not in part:
-                    raise ConversionError(shard, f"missing tensor {name!r} (present in {shards[0].name})")
+                    raise ConversionError(
+                        shard, f"missing tensor {name!r} (present in {shards[0].name})"
+                    )
                 pieces.append(torch_to_numpy(part[name]))
             kind = name.split(".")[-2]
-            a = pieces[0] if len(pieces) == 1 or kind not in split else np.concatenate(
-                pieces, axis=split[kind])
+            a = (
+                pieces[0]
+                if len(pieces) == 1 or kind not in split
+                else np.concatenate(pieces, axis=split[kind])
+            )
             yield str(shards[0]), *_meta_to_hf(name, a, cfg)
 
     tok = d / "tokenizer.model"
@@ -228,20 +260,41 @@ def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
         raise ConversionError(f, "file too short for a llama2.c header")
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _L2C_HEADER.unpack(header)
     if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or vocab == 0:
-        raise ConversionError(f, f"not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads})")
+        raise ConversionError(
+            f, f"not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads})"
+        )
     shared = vocab > 0
     vocab = abs(vocab)
-    cfg = _config(f, lambda: LlamaConfig(
-        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv, rms_norm_eps=1e-5,
-        max_position_embeddings=seq_len, tie_word_embeddings=shared))
+    cfg = _config(
+        f,
+        lambda: LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=dim,
+            intermediate_size=hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=seq_len,
+            tie_word_embeddings=shared,
+        ),
+    )
     kv = n_kv * (dim // n_heads)
     L = n_layers
     # (name, shape); HF names are attached after slicing per layer.
-    layout = [("embed", (vocab, dim)), ("rms_att", (L, dim)), ("wq", (L, dim, dim)),
-              ("wk", (L, kv, dim)), ("wv", (L, kv, dim)), ("wo", (L, dim, dim)),
-              ("rms_ffn", (L, dim)), ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)),
-              ("w3", (L, hidden, dim)), ("rms_final", (dim,))]
+    layout = [
+        ("embed", (vocab, dim)),
+        ("rms_att", (L, dim)),
+        ("wq", (L, dim, dim)),
+        ("wk", (L, kv, dim)),
+        ("wv", (L, kv, dim)),
+        ("wo", (L, dim, dim)),
+        ("rms_ffn", (L, dim)),
+        ("w1", (L, hidden, dim)),
+        ("w2", (L, dim, hidden)),
+        ("w3", (L, hidden, dim)),
+        ("rms_final", (dim,)),
+    ]
     head_dim = dim // n_heads
     rope_tables = 2 * seq_len * (head_dim // 2)
     n_floats = sum(int(np.prod(s)) for _, s in layout) + rope_tables
@@ -251,19 +304,29 @@ def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
     expected = _L2C_HEADER.size + 4 * n_floats
     size = f.stat().st_size
     if size != expected:
-        raise ConversionError(f, f"file is {size} bytes, the header implies {expected} "
-                                 f"({'truncated' if size < expected else 'trailing data'})")
-    names = {"rms_att": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
-             "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-             "rms_ffn": "post_attention_layernorm", "w1": "mlp.gate_proj",
-             "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+        raise ConversionError(
+            f,
+            f"file is {size} bytes, the header implies {expected} "
+            f"({'truncated' if size < expected else 'trailing data'})",
+        )
+    names = {
+        "rms_att": "input_layernorm",
+        "wq": "self_attn.q_proj",
+        "wk": "self_attn.k_proj",
+        "wv": "self_attn.v_proj",
+        "wo": "self_attn.o_proj",
+        "rms_ffn": "post_attention_layernorm",
+        "w1": "mlp.gate_proj",
+        "w2": "mlp.down_proj",
+        "w3": "mlp.up_proj",
+    }
 
     def tensors():
         data = np.memmap(f, dtype="<f4", mode="r", offset=_L2C_HEADER.size)
         offset = 0
         for key, shape in layout:
             n = int(np.prod(shape))
-            a = np.asarray(data[offset: offset + n]).reshape(shape)
+            a = np.asarray(data[offset : offset + n]).reshape(shape)
             offset += n
             if key == "rms_final":
                 offset += rope_tables  # the legacy freq_cis tables sit between rms_final and wcls
@@ -301,8 +364,11 @@ def detect(path: str | Path, tokenizer: str | Path | None = None) -> Source:
     elif (p / "config.json").exists():
         src = read_hf(p)
     else:
-        raise ConversionError(p, "not a checkpoint: expected config.json (Hugging Face), "
-                                 "params.json (Meta) or a llama2.c .bin file")
+        raise ConversionError(
+            p,
+            "not a checkpoint: expected config.json (Hugging Face), "
+            "params.json (Meta) or a llama2.c .bin file",
+        )
     if tok is not None:
         src.tokenizer_files = _tokenizer_files(tok)
     return src

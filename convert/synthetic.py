@@ -14,8 +14,9 @@ from convert.sources import numpy_to_torch
 from lomo_jax.config import LlamaConfig
 
 
-def random_hf_tensors(cfg: LlamaConfig, seed: int = 0, dtype=np.float32,
-                      std: float = 0.02) -> Iterator[tuple[str, np.ndarray]]:
+def random_hf_tensors(
+    cfg: LlamaConfig, seed: int = 0, dtype=np.float32, std: float = 0.02
+) -> Iterator[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     for s in slots(cfg):
         if s.hf_name.endswith("norm.weight"):
@@ -25,8 +26,13 @@ def random_hf_tensors(cfg: LlamaConfig, seed: int = 0, dtype=np.float32,
         yield s.hf_name, a.astype(dtype)
 
 
-def write_hf(out: Path, cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]],
-             max_shard_bytes: int | None = None, fmt: str = "safetensors") -> Path:
+def write_hf(
+    out: Path,
+    cfg: LlamaConfig,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    max_shard_bytes: int | None = None,
+    fmt: str = "safetensors",
+) -> Path:
     """A Hugging Face directory; sharded with an index when `max_shard_bytes` is exceeded."""
     import torch
     from safetensors.torch import save_file
@@ -59,18 +65,38 @@ def write_hf(out: Path, cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarra
     return out
 
 
-_HF_TO_META = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-               "post_attention_layernorm": "ffn_norm"}
-_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
-          "tok_embeddings": 1}
+_HF_TO_META = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_SPLIT = {
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "w1": 0,
+    "w3": 0,
+    "output": 0,
+    "wo": 1,
+    "w2": 1,
+    "tok_embeddings": 1,
+}
 
 
-def write_meta(out: Path, cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]],
-               n_shards: int = 1, multiple_of: int = 256,
-               ffn_dim_multiplier: float | None = None) -> Path:
+def write_meta(
+    out: Path,
+    cfg: LlamaConfig,
+    tensors: Iterator[tuple[str, np.ndarray]],
+    n_shards: int = 1,
+    multiple_of: int = 256,
+    ffn_dim_multiplier: float | None = None,
+) -> Path:
     """Meta's original layout, split over `n_shards` model-parallel files like Llama 1/2."""
     import torch
 
@@ -97,10 +123,16 @@ def write_meta(out: Path, cfg: LlamaConfig, tensors: Iterator[tuple[str, np.ndar
             part[meta] = numpy_to_torch(np.ascontiguousarray(piece)).clone()
     for k, part in enumerate(parts):
         torch.save(part, out / f"consolidated.{k:02d}.pth")
-    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers,
-              "n_heads": cfg.num_attention_heads, "n_kv_heads": cfg.num_key_value_heads,
-              "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier,
-              "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-              "vocab_size": cfg.vocab_size}
+    params = {
+        "dim": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": cfg.num_key_value_heads,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": ffn_dim_multiplier,
+        "norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "vocab_size": cfg.vocab_size,
+    }
     (out / "params.json").write_text(json.dumps(params))
     return out

@@ -1,4 +1,4 @@
-"""lomo-jax: full-parameter fine-tuning of LLaMA in JAX with the LOMO and AdaLomo fused optimizers."""
+"""lomo-jax: full-parameter LLaMA fine-tuning in JAX with the fused LOMO and AdaLomo optimizers."""
 
 import os
 
@@ -15,6 +15,17 @@ from lomo_jax.pretrained import LlamaModel, from_pretrained
 from lomo_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "PRESETS", "LlamaConfig", "LlamaModel", "Tokenizer", "decoder_layer", "embed", "forward",
-    "from_pretrained", "head", "init_params", "load_tokenizer", "param_shapes", "preset",
+    "PRESETS",
+    "LlamaConfig",
+    "LlamaModel",
+    "Tokenizer",
+    "decoder_layer",
+    "embed",
+    "forward",
+    "from_pretrained",
+    "head",
+    "init_params",
+    "load_tokenizer",
+    "param_shapes",
+    "preset",
 ]

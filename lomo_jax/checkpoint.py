@@ -18,8 +18,12 @@ from lomo_jax.config import LlamaConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -67,10 +71,8 @@ def read_params(path: Path, sharding: Any = None) -> dict:
         for name in names:
             meta = ckptr.metadata(path / name)
             m = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["value"]
-            s = (sharding.get(name, default) if isinstance(sharding, dict)
-                 else sharding or default)
-            args = {"value": ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape,
-                                                  dtype=m.dtype)}
+            s = sharding.get(name, default) if isinstance(sharding, dict) else sharding or default
+            args = {"value": ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)}
             value = ckptr.restore(path / name, args=ocp.args.PyTreeRestore(restore_args=args))
             node = tree
             *parents, leaf = name.split(".")

@@ -1,4 +1,4 @@
-"""`lomo-jax` command line. Results go to stdout, logs to stderr; a bad input is one line and exit 1."""
+"""`lomo-jax` command line: results on stdout, logs on stderr, a bad input is one line + exit 1."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def _cmd_export(a: argparse.Namespace) -> None:
     if not is_checkpoint(a.ckpt):
         raise ConversionError(a.ckpt, "not a lomo-jax checkpoint (no config.json and params/)")
     shard = int(a.max_shard_size * 2**20) if a.max_shard_size else None
-    out = export_hf(a.ckpt, a.out, **({"max_shard_bytes": shard} if shard else {}),
-                    overwrite=a.overwrite)
+    out = export_hf(
+        a.ckpt, a.out, **({"max_shard_bytes": shard} if shard else {}), overwrite=a.overwrite
+    )
     log.info("exported %s -> %s", a.ckpt, out)
 
 
@@ -62,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="HF directory, Meta directory (params.json), or llama2.c .bin")
     s.add_argument("out", help="output lomo-jax checkpoint directory")
     s.add_argument("--tokenizer", help="SentencePiece .model or HF tokenizer directory")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="cast weights (default: keep the source dtype)")
+    s.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast weights (default: keep the source dtype)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_import)
 
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="full-parameter fine-tuning with fused LOMO / AdaLomo")
     s.add_argument("--model", required=True, help="anything from_pretrained reads")
-    s.add_argument("--data", required=True, help="JSON lines {\"input_ids\": [...]}, seq-len each")
+    s.add_argument("--data", required=True, help='JSON lines {"input_ids": [...]}, seq-len each')
     s.add_argument("--out", required=True, help="output lomo-jax checkpoint directory")
     s.add_argument("--optimizer", default="adalomo", choices=["lomo", "adalomo", "sgd", "adamw"])
     s.add_argument("--lr", type=float, default=1e-3)
@@ -101,8 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shuffle", action="store_true", help="step k uses rows k*B..k*B+B-1")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--gradient-accumulation-steps", type=int, default=1,
-                   help="only for sgd/adamw: fused optimizers keep no gradients to accumulate")
+    s.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="only for sgd/adamw: fused optimizers keep no gradients to accumulate",
+    )
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_train)
@@ -119,8 +127,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lomo_jax.tokenizer import TokenizerError
     from lomo_jax.train import ConfigError, DataError
 
-    return (ConversionError, OutputExistsError, TokenizerError, DataError, ConfigError,
-            FileNotFoundError, FloatingPointError)
+    return (
+        ConversionError,
+        OutputExistsError,
+        TokenizerError,
+        DataError,
+        ConfigError,
+        FileNotFoundError,
+        FloatingPointError,
+    )
 
 
 def main(argv: list[str] | None = None, errors: Callable[[], tuple] = _user_errors) -> int:

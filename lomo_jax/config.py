@@ -42,7 +42,9 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("default", "linear", "llama3"):
-                raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+                raise ValueError(
+                    f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)"
+                )
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash by value so a config can be a static jit argument.
@@ -105,18 +107,47 @@ _LLAMA1 = dict(vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048
 
 # The paper's sizes (LLaMA 1) plus Llama-3-8B; shapes only, for planning memory without weights.
 PRESETS: dict[str, LlamaConfig] = {
-    "llama-7b": LlamaConfig(**_LLAMA1, hidden_size=4096, intermediate_size=11008,
-                            num_hidden_layers=32, num_attention_heads=32),
-    "llama-13b": LlamaConfig(**_LLAMA1, hidden_size=5120, intermediate_size=13824,
-                             num_hidden_layers=40, num_attention_heads=40),
-    "llama-30b": LlamaConfig(**_LLAMA1, hidden_size=6656, intermediate_size=17920,
-                             num_hidden_layers=60, num_attention_heads=52),
-    "llama-65b": LlamaConfig(**_LLAMA1, hidden_size=8192, intermediate_size=22016,
-                             num_hidden_layers=80, num_attention_heads=64),
-    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                             rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
-                             bos_token_id=128000, eos_token_id=128001),
+    "llama-7b": LlamaConfig(
+        **_LLAMA1,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+    ),
+    "llama-13b": LlamaConfig(
+        **_LLAMA1,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+    ),
+    "llama-30b": LlamaConfig(
+        **_LLAMA1,
+        hidden_size=6656,
+        intermediate_size=17920,
+        num_hidden_layers=60,
+        num_attention_heads=52,
+    ),
+    "llama-65b": LlamaConfig(
+        **_LLAMA1,
+        hidden_size=8192,
+        intermediate_size=22016,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+    ),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
 }
 
 

@@ -11,9 +11,16 @@ from lomo_jax.config import LlamaConfig
 
 log = logging.getLogger("lomo_jax")
 
-DEMO_CONFIG = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352,
-                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                          max_position_embeddings=256, rms_norm_eps=1e-5)
+DEMO_CONFIG = LlamaConfig(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 
 
 def run_demo(out: str | Path) -> None:

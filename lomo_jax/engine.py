@@ -33,16 +33,12 @@ import optax
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
 from lomo_jax.model import (
-    ATTENTION_KEYS,
-    MLP_KEYS,
-    attention_block,
     causal_mask,
     decoder_layer,
     default_positions,
     embed,
     forward,
     head,
-    mlp_block,
 )
 from lomo_jax.optim import (
     StepScalars,
@@ -72,8 +68,9 @@ class TrainState(NamedTuple):
     scale: ScaleState
 
 
-def init_train_state(rule: UpdateRule, params: Any, float16: bool = False,
-                     loss_scale: DynamicLossScale | None = None) -> TrainState:
+def init_train_state(
+    rule: UpdateRule, params: Any, float16: bool = False, loss_scale: DynamicLossScale | None = None
+) -> TrainState:
     scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
     return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
 
@@ -114,8 +111,9 @@ def _head_chunks(batch: int, length: int, vocab: int, max_logit_bytes: int = 64 
     return n
 
 
-def _head_backward(cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, labels_BT: jax.Array,
-                   cotangent: jax.Array):
+def _head_backward(
+    cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, labels_BT: jax.Array, cotangent: jax.Array
+):
     """Loss, the head's gradients (float32) and dh, computed over sequence chunks so the full
     [B, T, V] logits never exist at once."""
     B, T, D = h_BTD.shape
@@ -166,9 +164,9 @@ def _depends_on(tree, *deps):
 
 
 def _layer_backward(cfg: LlamaConfig, p_i, h_i, dh, positions, mask):
-    """Yields (gradients of layer i's parameters, dh below the layer)."""
+    """Recomputes layer i from its saved input and returns (its gradients, dh below it)."""
     _, vjp = jax.vjp(lambda p, h: decoder_layer(cfg, p, h, positions, mask), p_i, h_i)
-    yield vjp(dh)
+    return vjp(dh)
 
 
 def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only):
@@ -183,16 +181,15 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
         return g if g_head_emb is None else g + g_head_emb
 
     if measure_only:
+
         def measure(carry, x):
             dh, acc, ok = carry
             p_i, h_i = x
-            for g, dh in _layer_backward(cfg, p_i, h_i, dh, positions, mask):
-                acc, ok = acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)
-            return (dh, acc, ok), None
+            g, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask)
+            return (dh, acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)), None
 
         init = (dh_L, global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head))
-        (dh0, sumsq, finite), _ = jax.lax.scan(measure, init, (params["layers"], hs),
-                                               reverse=True)
+        (dh0, sumsq, finite), _ = jax.lax.scan(measure, init, (params["layers"], hs), reverse=True)
         g_emb = embedding_grad(dh0)
         return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
 
@@ -205,12 +202,9 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
         h_i, i = x
         p_i = jax.tree.map(lambda a: a[i], p_layers)
         s_i = jax.tree.map(lambda a: a[i], s_layers)
-        for g, dh in _layer_backward(cfg, p_i, h_i, dh, positions, mask):
-            g = _depends_on(g, dh)  # dh reads every weight of the block: reads before writes
-            keys = list(g)
-            sub_p, sub_s = map_rule(rule, {k: p_i[k] for k in keys}, g,
-                                    {k: s_i[k] for k in keys}, sc)
-            p_i, s_i = {**p_i, **sub_p}, {**s_i, **sub_s}
+        g_i, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask)
+        g_i = _depends_on(g_i, dh)  # dh reads every weight of the layer: reads before writes
+        p_i, s_i = map_rule(rule, p_i, g_i, s_i, sc)
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
         p_layers = jax.tree.map(put, p_layers, p_i)
         # The rule's state reads feed the weight update: state writes after the weight writes.
@@ -219,14 +213,22 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
 
     idx = jnp.arange(cfg.num_hidden_layers)
     (new_params["layers"], new_state["layers"], dh0), _ = jax.lax.scan(
-        update, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True)
+        update, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True
+    )
     new_params["embed"], new_state["embed"] = map_rule(
-        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc)
+        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc
+    )
     return new_params, new_state
 
 
-def fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState,
-               batch: Batch, loss_scale: DynamicLossScale | None = None):
+def fused_step(
+    cfg: LlamaConfig,
+    rule: UpdateRule,
+    schedule: Schedule,
+    state: TrainState,
+    batch: Batch,
+    loss_scale: DynamicLossScale | None = None,
+):
     """One fused training step -> (new state, metrics). Jit it with the state donated."""
     params = state.params
     positions, mask = _inputs(batch)
@@ -234,23 +236,31 @@ def fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: Tr
     def save_inputs(h, p):
         return decoder_layer(cfg, p, h, positions, mask), h
 
-    h_L, hs = jax.lax.scan(save_inputs, embed(cfg, params["embed"], batch.input_ids),
-                           params["layers"])
+    h_L, hs = jax.lax.scan(
+        save_inputs, embed(cfg, params["embed"], batch.input_ids), params["layers"]
+    )
     # Gradients of loss * scale (scale = 1 unless float16).
-    loss, g_head, dh_L = _head_backward(cfg, _head_params(cfg, params), h_L, batch.labels,
-                                        state.scale.scale)
-    sc = StepScalars(lr=schedule(state.step), t=state.step + 1, clip_coef=jnp.float32(1.0),
-                     loss_scale=state.scale.scale)
+    loss, g_head, dh_L = _head_backward(
+        cfg, _head_params(cfg, params), h_L, batch.labels, state.scale.scale
+    )
+    sc = StepScalars(
+        lr=schedule(state.step),
+        t=state.step + 1,
+        clip_coef=jnp.float32(1.0),
+        loss_scale=state.scale.scale,
+    )
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
     finite = jnp.bool_(True)
     if rule.clip_grad_norm is not None or loss_scale is not None:
-        sumsq, finite = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
-                                        g_head, sc, measure_only=True)
+        sumsq, finite = _fused_backward(
+            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, measure_only=True
+        )
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
-    new_params, new_state = _fused_backward(cfg, rule, params, state.opt_state, batch, hs, dh_L,
-                                            g_head, sc, measure_only=False)
+    new_params, new_state = _fused_backward(
+        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, measure_only=False
+    )
     scale = state.scale
     if loss_scale is not None:
         # An overflow skips the whole step: every tensor keeps its old value, bit for bit.
@@ -262,11 +272,16 @@ def fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: Tr
     return TrainState(new_params, new_state, state.step + 1, scale), metrics
 
 
-def make_fused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule,
-                    loss_scale: DynamicLossScale | None = None):
+def make_fused_step(
+    cfg: LlamaConfig,
+    rule: UpdateRule,
+    schedule: Schedule,
+    loss_scale: DynamicLossScale | None = None,
+):
     """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
-    return jax.jit(functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale),
-                   donate_argnums=0)
+    return jax.jit(
+        functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale), donate_argnums=0
+    )
 
 
 # ---- the standard, unfused path, for comparison ---------------------------------------------
@@ -274,18 +289,22 @@ def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
     """The same loss with the same checkpointing policy: only layer inputs are saved."""
     positions, mask = _inputs(batch)
     layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
-    h, _ = jax.lax.scan(lambda h, p: (layer(p, h), None),
-                        embed(cfg, params["embed"], batch.input_ids), params["layers"])
+    h, _ = jax.lax.scan(
+        lambda h, p: (layer(p, h), None),
+        embed(cfg, params["embed"], batch.input_ids),
+        params["layers"],
+    )
     return cross_entropy(head(cfg, params, h), batch.labels)
 
 
 def loss_fn(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
-    return cross_entropy(forward(cfg, params, batch.input_ids, batch.positions,
-                                 batch.segment_ids), batch.labels)
+    return cross_entropy(
+        forward(cfg, params, batch.input_ids, batch.positions, batch.segment_ids), batch.labels
+    )
 
 
 def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
-    """`jax.grad` + an optax optimizer: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
+    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(params, batch)
@@ -295,8 +314,9 @@ def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def unfused_step(cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState,
-                 batch: Batch):
+def unfused_step(
+    cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState, batch: Batch
+):
     """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal."""
     loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(state.params, batch)
     sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0))

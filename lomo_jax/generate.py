@@ -13,7 +13,7 @@ from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
 
 
 def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):
-    """Runs the stacked layers over new tokens at positions index.., reading and filling the cache."""
+    """Runs the layers over new tokens at positions index.., reading and filling the cache."""
     B, T = ids_BT.shape
     S = cache.k_BSHK.shape[2]
     positions_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -26,8 +26,9 @@ def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index)
         )
         return h, new
 
-    h, new_cache = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT),
-                                (params["layers"], cache.k_BSHK, cache.v_BSHK))
+    h, new_cache = jax.lax.scan(
+        step, embed(cfg, params["embed"], ids_BT), (params["layers"], cache.k_BSHK, cache.v_BSHK)
+    )
     return head(cfg, params, h[:, -1:])[:, 0], KVCache(*new_cache)
 
 
@@ -77,8 +78,9 @@ def generate(
     ids_BT, index = jnp.asarray(prompt_BT), 0
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        next_B, cache = _step(cfg, params, ids_BT, cache, float(temperature), float(top_p),
-                              jnp.int32(index), sub)
+        next_B, cache = _step(
+            cfg, params, ids_BT, cache, float(temperature), float(top_p), jnp.int32(index), sub
+        )
         index += ids_BT.shape[1]
         next_B = np.asarray(next_B)
         out = np.concatenate([out, next_B[:, None]], axis=1)

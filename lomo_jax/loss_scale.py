@@ -28,8 +28,10 @@ class DynamicLossScale:
     def update(self, s: ScaleState, overflow: jax.Array) -> ScaleState:
         shrunk = ScaleState(jnp.maximum(s.scale / self.factor, self.min_scale), jnp.int32(0))
         clean = s.clean_steps + 1
-        grown = ScaleState(jnp.where(clean >= self.window, s.scale * self.factor, s.scale),
-                           jnp.where(clean >= self.window, 0, clean).astype(jnp.int32))
+        grown = ScaleState(
+            jnp.where(clean >= self.window, s.scale * self.factor, s.scale),
+            jnp.where(clean >= self.window, 0, clean).astype(jnp.int32),
+        )
         return jax.tree.map(lambda a, b: jnp.where(overflow, a, b), shrunk, grown)
 
 

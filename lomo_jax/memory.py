@@ -52,18 +52,31 @@ def lower(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jn
     return make_optax_step(cfg, tx).lower(params, opt_state, batch), params
 
 
-def analyze(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int,
-            dtype=jnp.float32) -> dict:
+def analyze(
+    cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jnp.float32
+) -> dict:
     lowered, params = lower(cfg, method, batch_size, seq_len, dtype)
     m = lowered.compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
     param_bytes = _bytes(params)
-    return {"method": method, "param_bytes": param_bytes, "peak_bytes": peak,
-            "peak_over_params": round(peak / param_bytes, 4),
-            "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "batch_size": batch_size, "seq_len": seq_len, "dtype": jnp.dtype(dtype).name}
+    return {
+        "method": method,
+        "param_bytes": param_bytes,
+        "peak_bytes": peak,
+        "peak_over_params": round(peak / param_bytes, 4),
+        "argument_bytes": m.argument_size_in_bytes,
+        "output_bytes": m.output_size_in_bytes,
+        "temp_bytes": m.temp_size_in_bytes,
+        "alias_bytes": m.alias_size_in_bytes,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dtype": jnp.dtype(dtype).name,
+    }
 
 
 __all__ = ["METHODS", "analyze", "checkpointed_loss", "lower"]

@@ -7,9 +7,6 @@ The model is three pure functions of (params, inputs) that compose as
         h = decoder_layer(cfg, layer_slice(params["layers"], i), h, positions, mask)
     logits = head(cfg, params, h)                                  # final norm + lm_head
 
-and a decoder layer is itself two residual blocks, `mlp_block(attention_block(h))`, callable on
-their own with the parameters of ATTENTION_KEYS and MLP_KEYS.
-
 `params["layers"]` holds every decoder weight with a leading layer axis [L, ...], which is what
 `lax.scan` consumes and what the fused LOMO engine walks backwards. `forward` is exactly that
 composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the converters
@@ -36,7 +33,7 @@ Params = dict[str, Any]
 
 # ---- rotary embedding -----------------------------------------------------------------------
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim / 2], with "linear" or "llama3" scaling as transformers does."""
+    """Inverse frequencies [head_dim / 2], "linear" or "llama3" scaled as transformers does."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     inv_freq = inv_freq.astype(np.float32)
@@ -139,8 +136,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Two residual blocks; the fused engine takes each block's vjp on its own, halving the
-    gradients alive at once."""
+    """Two residual blocks: attention, then MLP, each behind its own RMSNorm."""
 
     cfg: LlamaConfig
 
@@ -152,8 +148,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(self.cfg)
 
     def attention_block(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
-        attn_BTD, cache = self.self_attn(self.input_layernorm(h_BTD), positions_BT, mask_BTS,
-                                         cache, index)
+        attn_BTD, cache = self.self_attn(
+            self.input_layernorm(h_BTD), positions_BT, mask_BTS, cache, index
+        )
         return h_BTD + attn_BTD, cache
 
     def mlp_block(self, h_BTD):
@@ -165,28 +162,16 @@ class DecoderLayer(nn.Module):
 
 
 # ---- the pure pieces ------------------------------------------------------------------------
-ATTENTION_KEYS = ("input_layernorm", "self_attn")  # the parameters of each block of a layer
-MLP_KEYS = ("post_attention_layernorm", "mlp")
-
-
 def embed(cfg: LlamaConfig, p_embed: Params, ids_BT: jax.Array) -> jax.Array:
     return jnp.take(p_embed["embedding"], ids_BT, axis=0)
 
 
-def attention_block(cfg: LlamaConfig, p_attn: Params, h_BTD: jax.Array, positions_BT: jax.Array,
-                    mask_BTS: jax.Array) -> jax.Array:
-    """h + attention(norm(h)); `p_attn` holds ATTENTION_KEYS of one layer."""
-    return DecoderLayer(cfg).apply({"params": p_attn}, h_BTD, positions_BT, mask_BTS,
-                                   method="attention_block")[0]
-
-
-def mlp_block(cfg: LlamaConfig, p_mlp: Params, h_BTD: jax.Array) -> jax.Array:
-    """h + mlp(norm(h)); `p_mlp` holds MLP_KEYS of one layer."""
-    return DecoderLayer(cfg).apply({"params": p_mlp}, h_BTD, method="mlp_block")
-
-
 def decoder_layer(
-    cfg: LlamaConfig, p_layer: Params, h_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array
+    cfg: LlamaConfig,
+    p_layer: Params,
+    h_BTD: jax.Array,
+    positions_BT: jax.Array,
+    mask_BTS: jax.Array,
 ) -> jax.Array:
     """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
     return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask_BTS)[0]
@@ -238,8 +223,11 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     k_emb, k_layers, k_head = jax.random.split(key, 3)
     init = nn.initializers.normal(0.02)
     B, T = 1, 1
-    dummy = (jnp.zeros((B, T, cfg.hidden_size), dtype), jnp.zeros((B, T), jnp.int32),
-             jnp.ones((B, T, T), bool))
+    dummy = (
+        jnp.zeros((B, T, cfg.hidden_size), dtype),
+        jnp.zeros((B, T), jnp.int32),
+        jnp.ones((B, T, T), bool),
+    )
     layer_init = lambda k: DecoderLayer(cfg).init(k, *dummy)["params"]  # noqa: E731
     layers = jax.vmap(layer_init)(jax.random.split(k_layers, cfg.num_hidden_layers))
     params = {

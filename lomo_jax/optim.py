@@ -35,7 +35,9 @@ class UpdateRule(Protocol):
 
     def init(self, p: jax.Array) -> State: ...
 
-    def update(self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars) -> tuple[jax.Array, State]: ...
+    def update(
+        self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars
+    ) -> tuple[jax.Array, State]: ...
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -84,8 +86,10 @@ class AdaLomo:
 
     def init(self, p: jax.Array) -> State:
         if p.ndim >= 2:
-            return {"row": jnp.zeros(p.shape[:-1], jnp.float32),
-                    "col": jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32)}
+            return {
+                "row": jnp.zeros(p.shape[:-1], jnp.float32),
+                "col": jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32),
+            }
         return {"v": jnp.zeros(p.shape, jnp.float32)}
 
     def update(self, p, g, s, sc):
@@ -144,8 +148,9 @@ def apply_updates(rule: UpdateRule, params: dict, grads: dict, state: dict, sc: 
 
 
 def global_norm_sq(grads, loss_scale) -> jax.Array:
-    return sum(jnp.sum(jnp.square(g.astype(jnp.float32) / loss_scale))
-               for g in jax.tree.leaves(grads))
+    return sum(
+        jnp.sum(jnp.square(g.astype(jnp.float32) / loss_scale)) for g in jax.tree.leaves(grads)
+    )
 
 
 def clip_coefficient(rule: UpdateRule, norm: jax.Array) -> jax.Array:

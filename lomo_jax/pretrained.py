@@ -33,13 +33,26 @@ class LlamaModel:
         ids_BT = jnp.asarray(ids_BT, jnp.int32)
         return _logits(self.config, self.params, ids_BT, segment_ids_BT)
 
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-        return generate(self.config, self.params, prompt_ids, max_new_tokens, temperature, top_p,
-                        seed)
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[int]]:
+        return generate(
+            self.config, self.params, prompt_ids, max_new_tokens, temperature, top_p, seed
+        )
 
-    def generate_text(self, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-                      top_p: float = 1.0, seed: int = 0) -> str:
+    def generate_text(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str:
         """Decoded continuation of BOS + prompt (an empty prompt means BOS alone)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; pass --tokenizer when importing")
@@ -61,8 +74,9 @@ def _tokenizer_from(files: list[Path]) -> Tokenizer | None:
     return None
 
 
-def from_pretrained(path: str | Path, tokenizer: str | Path | None = None,
-                    dtype: Any = None) -> LlamaModel:
+def from_pretrained(
+    path: str | Path, tokenizer: str | Path | None = None, dtype: Any = None
+) -> LlamaModel:
     """Loads a lomo-jax checkpoint, a Hugging Face directory, a Meta original directory or a
     llama2.c `.bin`; weights from other formats are converted in memory."""
     if checkpoint.is_checkpoint(path):

@@ -12,8 +12,15 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    def __init__(self, encode, decode, vocab_size: int, bos_id: int | None, eos_id: int | None,
-                 files: list[Path]):
+    def __init__(
+        self,
+        encode,
+        decode,
+        vocab_size: int,
+        bos_id: int | None,
+        eos_id: int | None,
+        files: list[Path],
+    ):
         self._encode, self._decode = encode, decode
         self.vocab_size, self.bos_id, self.eos_id, self.files = vocab_size, bos_id, eos_id, files
 
@@ -38,8 +45,14 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
         opt = lambda i: i if i >= 0 else None  # noqa: E731
-        return cls(sp.EncodeAsIds, sp.DecodeIds, sp.GetPieceSize(), opt(sp.bos_id()),
-                   opt(sp.eos_id()), [path])
+        return cls(
+            sp.EncodeAsIds,
+            sp.DecodeIds,
+            sp.GetPieceSize(),
+            opt(sp.bos_id()),
+            opt(sp.eos_id()),
+            [path],
+        )
 
     @classmethod
     def from_hf(cls, directory: Path) -> Tokenizer:
@@ -49,10 +62,17 @@ class Tokenizer:
             tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{directory}: cannot load tokenizer ({e})") from None
-        files = [p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
-        return cls(lambda s: tok.encode(s, add_special_tokens=False),
-                   lambda ids: tok.decode(ids, skip_special_tokens=True),
-                   len(tok), tok.bos_token_id, tok.eos_token_id, files)
+        files = [
+            p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))
+        ]
+        return cls(
+            lambda s: tok.encode(s, add_special_tokens=False),
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            len(tok),
+            tok.bos_token_id,
+            tok.eos_token_id,
+            files,
+        )
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

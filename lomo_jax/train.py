@@ -58,9 +58,11 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if self.gradient_accumulation_steps != 1 and self.optimizer in ("lomo", "adalomo"):
-            raise ConfigError("gradient accumulation is impossible with fused LOMO/AdaLomo: each "
-                             "gradient is consumed by the update the moment it exists; raise "
-                             "--batch-size instead")
+            raise ConfigError(
+                "gradient accumulation is impossible with fused LOMO/AdaLomo: each "
+                "gradient is consumed by the update the moment it exists; raise "
+                "--batch-size instead"
+            )
 
 
 def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:
@@ -89,9 +91,10 @@ def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: 
     """Rows of step `step`: in file order without shuffling, else a fresh permutation per epoch."""
     per_epoch = max(1, n_rows // batch_size)
     epoch, k = divmod(step, per_epoch)
-    order = (np.random.default_rng([seed, epoch]).permutation(n_rows) if shuffle
-             else np.arange(n_rows))
-    return order[k * batch_size:(k + 1) * batch_size]
+    order = (
+        np.random.default_rng([seed, epoch]).permutation(n_rows) if shuffle else np.arange(n_rows)
+    )
+    return order[k * batch_size : (k + 1) * batch_size]
 
 
 def peak_memory_bytes() -> int:
@@ -125,13 +128,18 @@ def train(c: TrainConfig) -> list[dict]:
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
     cfg = model.config
     if rows.max() >= cfg.vocab_size:
-        raise DataError(f"{c.data}: token id {rows.max()} >= the model's vocab_size {cfg.vocab_size}")
+        raise DataError(
+            f"{c.data}: token id {rows.max()} >= the model's vocab_size {cfg.vocab_size}"
+        )
     schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
     float16 = c.dtype == "float16"
     if c.optimizer in ("lomo", "adalomo"):
         cls = Lomo if c.optimizer == "lomo" else AdaLomo
-        rule = cls(weight_decay=c.weight_decay, clip_grad_norm=c.clip_grad_norm,
-                   clip_grad_value=c.clip_grad_value)
+        rule = cls(
+            weight_decay=c.weight_decay,
+            clip_grad_norm=c.clip_grad_norm,
+            clip_grad_value=c.clip_grad_value,
+        )
         scaler = DynamicLossScale() if float16 else None
         step_fn = make_fused_step(cfg, rule, schedule, scaler)
         state = init_train_state(rule, model.params, float16, scaler)
@@ -153,8 +161,15 @@ def train(c: TrainConfig) -> list[dict]:
         dt = time.perf_counter() - t0
         m.update(step=step + 1, tokens_per_s=ids.size / dt, peak_memory_bytes=peak_memory_bytes())
         history.append(m)
-        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB", step + 1,
-                 c.steps, m["loss"], m["lr"], m["tokens_per_s"], m["peak_memory_bytes"] / 1e9)
+        log.info(
+            "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB",
+            step + 1,
+            c.steps,
+            m["loss"],
+            m["lr"],
+            m["tokens_per_s"],
+            m["peak_memory_bytes"] / 1e9,
+        )
         if not np.isfinite(m["loss"]) and not float16:
             raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}; stopping")
     final = state.params if c.optimizer in ("lomo", "adalomo") else params

@@ -15,18 +15,38 @@ from lomo_jax.config import LlamaConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-_BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-             num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5)
+_BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 CONFIGS = {
     "gqa": LlamaConfig(**_BASE, num_key_value_heads=2),
     "mha-tied": LlamaConfig(**_BASE, tie_word_embeddings=True),
-    "llama3-rope": LlamaConfig(**_BASE, num_key_value_heads=2, rope_theta=500000.0,
-                               rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 32}),
-    "head-dim-bias-linear": LlamaConfig(**_BASE, num_key_value_heads=1, head_dim=24,
-                                        attention_bias=True, mlp_bias=True,
-                                        rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama3-rope": LlamaConfig(
+        **_BASE,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "head-dim-bias-linear": LlamaConfig(
+        **_BASE,
+        num_key_value_heads=1,
+        head_dim=24,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
 }
 
 

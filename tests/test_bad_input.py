@@ -31,13 +31,25 @@ def hf_truncated(tmp):
 
 
 def hf_unknown_tensor(tmp):
-    tensors = list(random_hf_tensors(CFG)) + [("model.layers.0.mystery.weight", np.ones(3, np.float32))]
-    return write_hf(tmp / "src", CFG, iter(tensors)), "model.safetensors", "unknown tensor name 'model.layers.0.mystery.weight'"
+    tensors = list(random_hf_tensors(CFG)) + [
+        ("model.layers.0.mystery.weight", np.ones(3, np.float32))
+    ]
+    return (
+        write_hf(tmp / "src", CFG, iter(tensors)),
+        "model.safetensors",
+        "unknown tensor name 'model.layers.0.mystery.weight'",
+    )
 
 
 def hf_missing_tensor(tmp):
-    tensors = [(n, a) for n, a in random_hf_tensors(CFG) if n != "model.layers.1.mlp.up_proj.weight"]
-    return write_hf(tmp / "src", CFG, iter(tensors)), "src", "missing tensor 'model.layers.1.mlp.up_proj.weight'"
+    tensors = [
+        (n, a) for n, a in random_hf_tensors(CFG) if n != "model.layers.1.mlp.up_proj.weight"
+    ]
+    return (
+        write_hf(tmp / "src", CFG, iter(tensors)),
+        "src",
+        "missing tensor 'model.layers.1.mlp.up_proj.weight'",
+    )
 
 
 def hf_wrong_shape(tmp):
@@ -79,8 +91,18 @@ def missing_source(tmp):
     return tmp / "nowhere", "nowhere", "no such file or directory"
 
 
-CASES = [hf_missing_shard, hf_truncated, hf_unknown_tensor, hf_missing_tensor, hf_wrong_shape,
-         hf_not_llama, hf_bad_json, meta_truncated_shard, llama2c_truncated, missing_source]
+CASES = [
+    hf_missing_shard,
+    hf_truncated,
+    hf_unknown_tensor,
+    hf_missing_tensor,
+    hf_wrong_shape,
+    hf_not_llama,
+    hf_bad_json,
+    meta_truncated_shard,
+    llama2c_truncated,
+    missing_source,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

@@ -35,8 +35,11 @@ def test_hf_import_export_roundtrip_is_bit_exact(tmp_path, dtype, layout):
     kw = {"sharded": dict(max_shard_bytes=40_000), "pytorch_bin": dict(fmt="bin")}.get(layout, {})
     src = make_hf_dir(tmp_path / "hf", cfg, dtype=dtype, **kw)
     import_checkpoint(src, tmp_path / "ckpt")
-    export_hf(tmp_path / "ckpt", tmp_path / "out",
-              max_shard_bytes=40_000 if layout == "sharded" else 2**30)
+    export_hf(
+        tmp_path / "ckpt",
+        tmp_path / "out",
+        max_shard_bytes=40_000 if layout == "sharded" else 2**30,
+    )
     if layout == "sharded":
         assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     theirs = dict(random_hf_tensors(cfg, 0, dtype))
@@ -74,8 +77,7 @@ def test_meta_checkpoint_split_over_two_files_imports_to_same_logits(tmp_path):
     # dim 64, multiple_of 32 -> Meta's FFN size rule gives 192, the config's intermediate size.
     cfg = CONFIGS["gqa"]
     hf = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", cfg, seed=5))
-    meta = write_meta(tmp_path / "meta", cfg, random_hf_tensors(cfg, 5), n_shards=2,
-                      multiple_of=32)
+    meta = write_meta(tmp_path / "meta", cfg, random_hf_tensors(cfg, 5), n_shards=2, multiple_of=32)
     assert len(list(meta.glob("consolidated.*.pth"))) == 2
     import_checkpoint(meta, tmp_path / "ckpt")
     ours = lomo_jax.from_pretrained(tmp_path / "ckpt")
@@ -88,8 +90,15 @@ def test_meta_checkpoint_split_over_two_files_imports_to_same_logits(tmp_path):
 def stories(tmp_path_factory):
     """The real stories260K model, imported through the CLI."""
     out = tmp_path_factory.mktemp("stories") / "ckpt"
-    rc = main(["import", str(data_path("llama2c", "stories260K.bin")), str(out),
-               "--tokenizer", str(data_path("llama2c", "tok512.model"))])
+    rc = main(
+        [
+            "import",
+            str(data_path("llama2c", "stories260K.bin")),
+            str(out),
+            "--tokenizer",
+            str(data_path("llama2c", "tok512.model")),
+        ]
+    )
     assert rc == 0
     return out
 

@@ -2,8 +2,9 @@
 
 Compiled on abstract shapes for two depths (8 and 16 layers: between 4 and 8 the heap packing of
 XLA's buffer assignment still moves by a few hundred KB): the temporaries may grow only by the
-extra saved layer inputs, and no instruction may copy a stacked weight (the known XLA trap: a read of layer i that
-is not an ancestor of the in-place write makes XLA copy the whole stack every iteration).
+extra saved layer inputs, and no instruction may copy a stacked weight (the known XLA trap: a
+read of layer i that is not an ancestor of the in-place write makes XLA copy the whole stack
+every iteration).
 """
 
 import re
@@ -18,9 +19,15 @@ B, T = 2, 64
 
 
 def compile_step(method, layers, tied=False, kv_heads=4):
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
-                      tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tied,
+    )
     lowered, params = lower(cfg, method, B, T, jnp.float32)
     return cfg, lowered.compile()
 

@@ -42,7 +42,7 @@ def test_generation_with_cache_matches_full_forward(tmp_path, any_config):
     prompt = random_ids(any_config, 2, 5, seed=2)
     new = np.asarray(generate(any_config, model.params, prompt, 6, stop_at_eos=False))
     logits = np.asarray(model(np.concatenate([prompt, new], axis=1)))
-    np.testing.assert_array_equal(new, logits[:, prompt.shape[1] - 1: -1].argmax(-1))
+    np.testing.assert_array_equal(new, logits[:, prompt.shape[1] - 1 : -1].argmax(-1))
 
 
 def test_top_p_keeps_only_the_nucleus(tmp_path):
@@ -51,8 +51,9 @@ def test_top_p_keeps_only_the_nucleus(tmp_path):
     model = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", cfg))
     prompt = random_ids(cfg, 1, 4, seed=3)
     greedy = generate(cfg, model.params, prompt, 8, stop_at_eos=False)
-    nucleus = generate(cfg, model.params, prompt, 8, temperature=5.0, top_p=1e-6, seed=7,
-                       stop_at_eos=False)
+    nucleus = generate(
+        cfg, model.params, prompt, 8, temperature=5.0, top_p=1e-6, seed=7, stop_at_eos=False
+    )
     hot = generate(cfg, model.params, prompt, 8, temperature=5.0, seed=7, stop_at_eos=False)
     assert nucleus == greedy
     assert hot != greedy  # at temperature 5 over 96 tokens, 8 greedy picks in a row are unlikely

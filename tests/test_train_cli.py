@@ -26,10 +26,34 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "hf", CFG)
     rows = random_ids(CFG, 8, 16, seed=3)
     data = write_rows(tmp_path / "data.jsonl", rows)
-    args = ["train", "--model", str(src), "--data", str(data), "--optimizer", "adalomo",
-            "--lr", "0.01", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
-            "--schedule", "linear", "--warmup-steps", "1", "--weight-decay", "0.1",
-            "--clip-grad-norm", "1.0", "--no-shuffle", "--out", str(tmp_path / "ckpt")]
+    args = [
+        "train",
+        "--model",
+        str(src),
+        "--data",
+        str(data),
+        "--optimizer",
+        "adalomo",
+        "--lr",
+        "0.01",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--schedule",
+        "linear",
+        "--warmup-steps",
+        "1",
+        "--weight-decay",
+        "0.1",
+        "--clip-grad-norm",
+        "1.0",
+        "--no-shuffle",
+        "--out",
+        str(tmp_path / "ckpt"),
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "step 3/3" in err and "tok/s" in err and "peak mem" in err
@@ -38,7 +62,7 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     step = make_fused_step(CFG, rule, Schedule(0.01, "linear", 1, 3))
     state = init_train_state(rule, lomo_jax.from_pretrained(src).params)
     for k in range(3):
-        ids = jnp.asarray(rows[2 * k: 2 * k + 2])
+        ids = jnp.asarray(rows[2 * k : 2 * k + 2])
         state, _ = step(state, Batch(ids, ids))
     trained = lomo_jax.from_pretrained(tmp_path / "ckpt").params
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state.params)):
@@ -46,17 +70,34 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf-out")]) == 0
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--gradient-accumulation-steps", "4"], "gradient accumulation is impossible"),
-    (["--seq-len", "8"], "row has 16 tokens, --seq-len is 8"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gradient-accumulation-steps", "4"], "gradient accumulation is impossible"),
+        (["--seq-len", "8"], "row has 16 tokens, --seq-len is 8"),
+    ],
+)
 def test_train_cli_bad_input(tmp_path, capsys, extra, message):
     src = make_hf_dir(tmp_path / "hf", CFG)
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 4, 16))
-    args = ["train", "--model", str(src), "--data", str(data), "--steps", "1", "--batch-size",
-            "2", "--seq-len", "16", "--out", str(tmp_path / "ckpt"), *extra]
+    args = [
+        "train",
+        "--model",
+        str(src),
+        "--data",
+        str(data),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--out",
+        str(tmp_path / "ckpt"),
+        *extra,
+    ]
     if "--seq-len" in extra:
-        args = args[: args.index("--seq-len")] + args[args.index("--seq-len") + 2:]
+        args = args[: args.index("--seq-len")] + args[args.index("--seq-len") + 2 :]
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and err.startswith("lomo-jax: error:")
