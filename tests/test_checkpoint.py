@@ -1,0 +1,27 @@
+"""Parameters and AdaLomo state round-trip through the orbax checkpoint exactly."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lomo_jax
+from lomo_jax.checkpoint import read_params, write_params
+from lomo_jax.engine import Batch, init_train_state, make_fused_step
+from lomo_jax.optim import AdaLomo
+from lomo_jax.schedule import Schedule
+from tests.conftest import CONFIGS, random_ids
+
+
+def test_adalomo_state_and_bfloat16_params_round_trip(tmp_path):
+    cfg = CONFIGS["gqa"]
+    rule = AdaLomo()
+    state = init_train_state(rule, lomo_jax.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    ids = jnp.asarray(random_ids(cfg, 2, 8))
+    state, _ = make_fused_step(cfg, rule, Schedule(1e-3))(state, Batch(ids, ids))
+    for name, tree in (("params", state.params), ("opt", state.opt_state)):
+        write_params(tmp_path / name, tree)
+        back = read_params(tmp_path / name)
+        assert jax.tree.structure(back) == jax.tree.structure(tree)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+            assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert float(jnp.abs(state.opt_state["layers"]["mlp"]["up_proj"]["kernel"]["row"]).sum()) > 0
