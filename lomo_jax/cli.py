@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 log = logging.getLogger("lomo_jax")
 
@@ -46,6 +45,24 @@ def _cmd_train(a: argparse.Namespace) -> None:
     fields = {f for f in TrainConfig.__dataclass_fields__}
     kw = {k: v for k, v in vars(a).items() if k in fields}
     train(TrainConfig(**kw, shuffle=not a.no_shuffle))
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    import json
+
+    from lomo_jax.pretrained import from_pretrained
+    from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
+
+    examples = read_examples(a.task, a.data)  # bad input fails before the model loads
+    model = from_pretrained(a.ckpt, a.tokenizer)
+    if model.tokenizer is None:
+        raise TaskError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
+    scores = candidate_scores(model.config, model.params, model.tokenizer, examples, a.batch_size)
+    result = {"task": a.task, "accuracy": accuracy(examples, scores), "n": len(examples)}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples")
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -115,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_train)
 
+    s = sub.add_parser("eval", help="multiple-choice accuracy on a SuperGLUE task")
+    s.add_argument("ckpt", help="anything from_pretrained reads")
+    s.add_argument("--task", required=True, help="copa, rte, cb, boolq, wic, wsc or multirc")
+    s.add_argument("--data", required=True, help="the task's jsonl (official field names)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
+    s.set_defaults(func=_cmd_eval)
+
     s = sub.add_parser("demo", help="the main job on an embedded default model")
     s.add_argument("--out", default="demo_out", help="where the demo writes its files")
     s.set_defaults(func=_cmd_demo)
@@ -124,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from convert.errors import ConversionError
     from lomo_jax.atomic import OutputExistsError
+    from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
     from lomo_jax.train import ConfigError, DataError
 
@@ -133,12 +160,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TokenizerError,
         DataError,
         ConfigError,
+        TaskError,
         FileNotFoundError,
         FloatingPointError,
     )
 
 
-def main(argv: list[str] | None = None, errors: Callable[[], tuple] = _user_errors) -> int:
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -148,7 +176,7 @@ def main(argv: list[str] | None = None, errors: Callable[[], tuple] = _user_erro
     log.propagate = False
     try:
         args.func(args)
-    except errors() as e:
+    except _user_errors() as e:
         print(f"lomo-jax: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
