@@ -8,6 +8,7 @@ import os
 import sys
 
 log = logging.getLogger("lomo_jax")
+FORMATS = ("pretokenized", "text", "alpaca", "superglue")  # lomo_jax.data.FORMATS, without jax
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
@@ -50,19 +51,31 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     import json
 
+    from lomo_jax.data import build_rows, check_vocab
+    from lomo_jax.evaluate import evaluate_loss
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
 
-    examples = read_examples(a.task, a.data)  # bad input fails before the model loads
-    model = from_pretrained(a.ckpt, a.tokenizer)
-    if model.tokenizer is None:
-        raise TaskError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
-    scores = candidate_scores(model.config, model.params, model.tokenizer, examples, a.batch_size)
-    result = {"task": a.task, "accuracy": accuracy(examples, scores), "n": len(examples)}
-    if a.json:
-        print(json.dumps(result))
+    if a.format == "superglue" or (a.task and not a.format):
+        examples = read_examples(a.task, a.data)  # bad input fails before the model loads
+        model = from_pretrained(a.ckpt, a.tokenizer)
+        if model.tokenizer is None:
+            raise TaskError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
+        scores = candidate_scores(
+            model.config, model.params, model.tokenizer, examples, a.batch_size
+        )
+        result = {"task": a.task, "accuracy": accuracy(examples, scores), "n": len(examples)}
+        text = f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples"
     else:
-        print(f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples")
+        model = from_pretrained(a.ckpt, a.tokenizer)
+        rows = build_rows(a.format or "pretokenized", a.data, model.tokenizer, a.seq_len)
+        check_vocab(rows, model.config.vocab_size, a.data)
+        result = evaluate_loss(model.config, model.params, rows, a.batch_size)
+        text = (
+            f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+            f"over {result['tokens']} tokens"
+        )
+    print(json.dumps(result) if a.json else text)
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -107,7 +120,18 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="full-parameter fine-tuning with fused LOMO / AdaLomo")
     s.add_argument("--model", required=True, help="anything from_pretrained reads")
-    s.add_argument("--data", required=True, help='JSON lines {"input_ids": [...]}, seq-len each')
+    s.add_argument(
+        "--data", required=True, help="file or directory (json, jsonl, csv, parquet, txt)"
+    )
+    s.add_argument(
+        "--format",
+        default="pretokenized",
+        choices=FORMATS,
+        help='pretokenized: jsonl {"input_ids": [...]} of seq-len tokens each',
+    )
+    s.add_argument(
+        "--task", help="with --format superglue: copa, rte, cb, boolq, wic, wsc, multirc"
+    )
     s.add_argument("--out", required=True, help="output lomo-jax checkpoint directory")
     s.add_argument("--optimizer", default="adalomo", choices=["lomo", "adalomo", "sgd", "adamw"])
     s.add_argument("--lr", type=float, default=1e-3)
@@ -132,10 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("eval", help="multiple-choice accuracy on a SuperGLUE task")
+    s = sub.add_parser("eval", help="loss / perplexity, or SuperGLUE multiple-choice accuracy")
     s.add_argument("ckpt", help="anything from_pretrained reads")
-    s.add_argument("--task", required=True, help="copa, rte, cb, boolq, wic, wsc or multirc")
-    s.add_argument("--data", required=True, help="the task's jsonl (official field names)")
+    s.add_argument("--data", required=True, help="what train takes, or a task's jsonl")
+    s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
+    s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
+    s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
@@ -150,9 +176,10 @@ def _parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from convert.errors import ConversionError
     from lomo_jax.atomic import OutputExistsError
+    from lomo_jax.data import DataError
     from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
-    from lomo_jax.train import ConfigError, DataError
+    from lomo_jax.train import ConfigError
 
     return (
         ConversionError,

@@ -109,30 +109,38 @@ TASKS: dict[str, tuple[Callable[[dict], Example], tuple[str, ...]]] = {
 }
 
 
-def read_examples(task: str, path: str | Path) -> list[Example]:
+def examples_from_records(task: str, records: Sequence[dict], path) -> list[Example]:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     make, fields = TASKS[task]
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"{p}: file not found")
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            raise TaskError(f"{p}:{n}: not a JSON line") from None
+    for n, r in enumerate(records, 1):
         missing = [f for f in fields if f not in r]
         if task == "boolq" and "label" not in r and "answer" not in r:
             missing.append("label")
         if missing:
-            raise TaskError(f"{p}:{n}: missing field {missing[0]!r} for task {task}")
+            raise TaskError(f"{path}:{n}: missing field {missing[0]!r} for task {task}")
         out.append(make(r))
     if not out:
-        raise TaskError(f"{p}: no examples")
+        raise TaskError(f"{path}: no examples")
     return out
+
+
+def read_examples(task: str, path: str | Path) -> list[Example]:
+    """Examples of a task's jsonl file (one record per line, numbered from 1 in errors)."""
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"{p}: file not found")
+    records = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise TaskError(f"{p}:{n}: not a JSON line") from None
+    return examples_from_records(task, records, p)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lomo_jax.data import build_rows, check_vocab
 from lomo_jax.engine import Batch, init_train_state, make_fused_step, make_optax_step
 from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.optim import AdaLomo, Lomo
@@ -22,10 +21,6 @@ log = logging.getLogger("lomo_jax")
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class DataError(ValueError):
-    pass
 
 
 class ConfigError(ValueError):
@@ -51,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     gradient_accumulation_steps: int = 1
+    format: str = "pretokenized"
+    task: str | None = None
     tokenizer: str | None = None
     overwrite: bool = False
 
@@ -63,28 +60,6 @@ class TrainConfig:
                 "gradient is consumed by the update the moment it exists; raise "
                 "--batch-size instead"
             )
-
-
-def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:
-    """Rows of exactly `seq_len` token ids from JSON lines {"input_ids": [...]}."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: file not found")
-    rows = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ids = json.loads(line)["input_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{p}:{n}: expected a JSON object with 'input_ids'") from None
-            if len(ids) != seq_len:
-                raise DataError(f"{p}:{n}: row has {len(ids)} tokens, --seq-len is {seq_len}")
-            rows.append(ids)
-    if not rows:
-        raise DataError(f"{p}: no rows")
-    return np.asarray(rows, np.int32)
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -124,13 +99,10 @@ def _optax_tx(c: TrainConfig, schedule: Schedule) -> optax.GradientTransformatio
 def train(c: TrainConfig) -> list[dict]:
     from lomo_jax.pretrained import from_pretrained
 
-    rows = read_pretokenized(c.data, c.seq_len)
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
     cfg = model.config
-    if rows.max() >= cfg.vocab_size:
-        raise DataError(
-            f"{c.data}: token id {rows.max()} >= the model's vocab_size {cfg.vocab_size}"
-        )
+    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task)
+    check_vocab(rows, cfg.vocab_size, c.data)
     schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
     float16 = c.dtype == "float16"
     if c.optimizer in ("lomo", "adalomo"):
@@ -150,16 +122,21 @@ def train(c: TrainConfig) -> list[dict]:
 
     history = []
     for step in range(c.steps):
-        ids = jnp.asarray(rows[batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed)])
+        b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
+        batch = Batch(
+            *(jnp.asarray(a) for a in (b.input_ids, b.labels, b.segment_ids, b.positions))
+        )
         t0 = time.perf_counter()
         if c.optimizer in ("lomo", "adalomo"):
-            state, m = step_fn(state, Batch(ids, ids))
+            state, m = step_fn(state, batch)
         else:
-            params, opt_state, loss = optax_step(params, opt_state, Batch(ids, ids))
+            params, opt_state, loss = optax_step(params, opt_state, batch)
             m = {"loss": loss, "lr": schedule(step)}
         m = {k: float(v) for k, v in m.items()}  # waits for the step
         dt = time.perf_counter() - t0
-        m.update(step=step + 1, tokens_per_s=ids.size / dt, peak_memory_bytes=peak_memory_bytes())
+        m.update(
+            step=step + 1, tokens_per_s=b.input_ids.size / dt, peak_memory_bytes=peak_memory_bytes()
+        )
         history.append(m)
         log.info(
             "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB",

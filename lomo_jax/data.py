@@ -1,0 +1,236 @@
+"""Training rows from local files: pre-tokenized rows, packed plain text, Alpaca instructions,
+or SuperGLUE tasks rendered with their evaluation prompts.
+
+Every format becomes the same four [N, T] int32 arrays: input_ids, labels (-100 = no loss),
+segment_ids (0 = padding; packed documents get 1, 2, ...) and positions (restarting per
+document), which is what `engine.Batch` carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from lomo_jax.engine import IGNORE
+from lomo_jax.tokenizer import Tokenizer
+
+log = logging.getLogger("lomo_jax")
+
+FORMATS = ("pretokenized", "text", "alpaca", "superglue")
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Rows:
+    input_ids: np.ndarray
+    labels: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def take(self, idx: np.ndarray) -> Rows:
+        return Rows(*(a[idx] for a in dataclasses.astuple(self)))
+
+
+def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:
+    """Rows of exactly `seq_len` token ids from JSON lines {"input_ids": [...]}."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    rows = []
+    with open(p) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ids = json.loads(line)["input_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{p}:{n}: expected a JSON object with 'input_ids'") from None
+            if len(ids) != seq_len:
+                raise DataError(f"{p}:{n}: row has {len(ids)} tokens, --seq-len is {seq_len}")
+            rows.append(ids)
+    if not rows:
+        raise DataError(f"{p}: no rows")
+    return np.asarray(rows, np.int32)
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            f for f in path.iterdir() if f.suffix in (".json", ".jsonl", ".txt", ".csv", ".parquet")
+        )
+        if not files:
+            raise DataError(f"{path}: no .json/.jsonl/.txt/.csv/.parquet files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return [path]
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = []
+    for f in _files(Path(path)):
+        kind = {".jsonl": "json", ".txt": "text"}.get(f.suffix, f.suffix.lstrip("."))
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(f), split="train")
+        except Exception as e:  # datasets raises many types for malformed files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
+        out.extend(ds.to_list())
+    return out
+
+
+def _require(records: list[dict], fields: tuple[str, ...], path, fmt: str) -> None:
+    for n, r in enumerate(records, 1):
+        missing = [f for f in fields if f not in r]
+        if missing:
+            raise DataError(f"{path}: record {n} has no field {missing[0]!r} (format {fmt})")
+
+
+def _pad_rows(pairs: list[tuple[list[int], list[int]]], seq_len: int) -> Rows:
+    n = len(pairs)
+    ids = np.zeros((n, seq_len), np.int32)
+    labels = np.full((n, seq_len), IGNORE, np.int32)
+    seg = np.zeros((n, seq_len), np.int32)
+    for k, (x, y) in enumerate(pairs):
+        ids[k, : len(x)], labels[k, : len(y)], seg[k, : len(x)] = x, y, 1
+    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
+    return Rows(ids, labels, seg, pos)
+
+
+def _prompt_response(
+    tok: Tokenizer, prompts: list[str], responses: list[str], seq_len: int, path
+) -> Rows:
+    """BOS + prompt + response + EOS; only the response (and EOS) carries loss."""
+    pairs, truncated, empty = [], 0, 0
+    for prompt, response in zip(prompts, responses):
+        if not response.strip():
+            empty += 1
+            continue
+        p = tok.encode(prompt, bos=True)
+        r = tok.encode(response, bos=False, eos=True)
+        ids = p + r
+        if len(ids) > seq_len:
+            truncated += 1
+            ids = ids[:seq_len]
+        labels = ([IGNORE] * len(p) + r)[:seq_len]
+        if all(t == IGNORE for t in labels[1:]):
+            empty += 1  # the prompt alone fills the row: nothing to learn from
+            continue
+        pairs.append((ids, labels))
+    log.info(
+        "%s: %d rows, %d truncated to %d tokens, %d empty skipped",
+        path,
+        len(pairs),
+        truncated,
+        seq_len,
+        empty,
+    )
+    if not pairs:
+        raise DataError(f"{path}: no usable row")
+    return _pad_rows(pairs, seq_len)
+
+
+def _packed_text(tok: Tokenizer, docs: list[str], seq_len: int, path) -> Rows:
+    """Documents as BOS + text + EOS, packed into rows; attention stays inside each document."""
+    stream, seg_stream = [], []
+    empty = 0
+    for d, text in enumerate(docs, 1):
+        if not text.strip():
+            empty += 1
+            continue
+        ids = tok.encode(text, bos=True, eos=True)
+        stream += ids
+        seg_stream += [d] * len(ids)
+    n = len(stream) // seq_len
+    log.info(
+        "%s: %d documents packed into %d rows of %d, %d empty skipped",
+        path,
+        len(docs) - empty,
+        n,
+        seq_len,
+        empty,
+    )
+    if n == 0:
+        raise DataError(f"{path}: no usable row (fewer than {seq_len} tokens)")
+    ids = np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+    seg_raw = np.asarray(seg_stream[: n * seq_len], np.int32).reshape(n, seq_len)
+    # Renumber segments 1, 2, ... within each row; positions restart at each document start.
+    starts = np.ones_like(seg_raw, bool)
+    starts[:, 1:] = seg_raw[:, 1:] != seg_raw[:, :-1]
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
+    idx = np.arange(seq_len)[None, :].repeat(n, 0)
+    start_idx = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    pos = (idx - start_idx).astype(np.int32)
+    labels = np.where(starts, IGNORE, ids).astype(np.int32)  # no prediction across documents
+    return Rows(ids, labels, seg, pos)
+
+
+def build_rows(
+    fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
+) -> Rows:
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "pretokenized":
+        ids = read_pretokenized(path, seq_len)
+        seg = np.ones_like(ids)
+        pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
+        return Rows(ids, ids.copy(), seg, pos)
+    if tok is None:
+        raise DataError(
+            f"{path}: format {fmt} needs a tokenizer (the checkpoint has none; pass --tokenizer)"
+        )
+    records = load_records(path)
+    if fmt == "text":
+        _require(records, ("text",), path, fmt)
+        return _packed_text(tok, [r["text"] or "" for r in records], seq_len, path)
+    if fmt == "alpaca":
+        _require(records, ("instruction", "output"), path, fmt)
+        prompts = [
+            (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
+                **{"instruction": r["instruction"], "input": r.get("input") or ""}
+            )
+            for r in records
+        ]
+        return _prompt_response(tok, prompts, [r["output"] or "" for r in records], seq_len, path)
+    from lomo_jax.tasks import TaskError, examples_from_records
+
+    if task is None:
+        raise DataError("format superglue needs --task")
+    try:
+        examples = examples_from_records(task, records, path)
+    except TaskError as e:
+        raise DataError(str(e)) from None
+    prompts = [ex.context for ex in examples]
+    answers = [ex.candidates[ex.label] for ex in examples]
+    return _prompt_response(tok, prompts, answers, seq_len, path)
+
+
+def check_vocab(rows: Rows, vocab_size: int, path) -> None:
+    if rows.input_ids.max() >= vocab_size:
+        raise DataError(
+            f"{path}: token id {int(rows.input_ids.max())} does not fit the model's "
+            f"vocab_size {vocab_size} (wrong tokenizer?)"
+        )

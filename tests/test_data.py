@@ -1,0 +1,118 @@
+"""Training rows: Alpaca prompts carry no loss, packed documents stay apart, training on real
+Alpaca data lowers the validation loss."""
+
+import json
+
+import numpy as np
+import pytest
+
+import lomo_jax
+from lomo_jax.cli import main
+from lomo_jax.data import ALPACA_NO_INPUT, build_rows
+from lomo_jax.engine import IGNORE
+from lomo_jax.model import forward
+from tests.conftest import data_path
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stories") / "ckpt"
+    assert (
+        main(
+            [
+                "import",
+                str(data_path("llama2c", "stories260K.bin")),
+                str(out),
+                "--tokenizer",
+                str(data_path("llama2c", "tok512.model")),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_alpaca_prompt_tokens_carry_no_loss(stories, tmp_path):
+    tok = lomo_jax.from_pretrained(stories).tokenizer
+    rec = {"instruction": "Name a color.", "input": "", "output": "Blue is a color."}
+    (tmp_path / "a.json").write_text(json.dumps([rec]))
+    rows = build_rows("alpaca", tmp_path / "a.json", tok, 128)
+    prompt = tok.encode(ALPACA_NO_INPUT.format(instruction=rec["instruction"]), bos=True)
+    response = tok.encode(rec["output"], bos=False, eos=True)
+    n = len(prompt) + len(response)
+    assert rows.input_ids[0, :n].tolist() == prompt + response
+    assert (rows.labels[0, : len(prompt)] == IGNORE).all()
+    assert rows.labels[0, len(prompt) : n].tolist() == response
+    assert (rows.labels[0, n:] == IGNORE).all() and (rows.segment_ids[0, n:] == 0).all()
+
+
+def test_packed_documents_do_not_see_each_other(stories, tmp_path):
+    model = lomo_jax.from_pretrained(stories)
+    docs = ["Tom had a red ball.", "The cat sat on the mat and looked at the sun."]
+    (tmp_path / "t.txt").write_text("\n".join(docs) + "\n")
+    ids_a = model.tokenizer.encode(docs[0], bos=True, eos=True)
+    ids_b = model.tokenizer.encode(docs[1], bos=True, eos=True)
+    rows = build_rows("text", tmp_path / "t.txt", model.tokenizer, len(ids_a) + len(ids_b))
+    assert rows.segment_ids[0].tolist() == [1] * len(ids_a) + [2] * len(ids_b)
+    assert rows.positions[0, len(ids_a)] == 0 and rows.labels[0, len(ids_a)] == IGNORE
+    packed = np.asarray(
+        forward(model.config, model.params, rows.input_ids, rows.positions, rows.segment_ids)
+    )
+    alone = np.asarray(model(np.asarray([ids_b], np.int32)))
+    np.testing.assert_allclose(packed[0, len(ids_a) :], alone[0], atol=1e-4)
+
+
+def test_alpaca_training_lowers_validation_loss(stories, tmp_path, capsys):
+    records = json.loads(data_path("alpaca", "alpaca_data_1k.json").read_text())
+    (tmp_path / "train.json").write_text(json.dumps(records[:900]))
+    (tmp_path / "val.json").write_text(json.dumps(records[900:]))
+
+    def val_loss(ckpt):
+        assert (
+            main(
+                [
+                    "eval",
+                    str(ckpt),
+                    "--data",
+                    str(tmp_path / "val.json"),
+                    "--format",
+                    "alpaca",
+                    "--seq-len",
+                    "256",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    before = val_loss(stories)
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(stories),
+                "--data",
+                str(tmp_path / "train.json"),
+                "--format",
+                "alpaca",
+                "--optimizer",
+                "adalomo",
+                "--lr",
+                "5e-3",
+                "--steps",
+                "40",
+                "--batch-size",
+                "8",
+                "--seq-len",
+                "256",
+                "--out",
+                str(tmp_path / "ft"),
+            ]
+        )
+        == 0
+    )
+    after = val_loss(tmp_path / "ft")
+    assert after["tokens"] == before["tokens"] > 0
+    assert after["loss"] < before["loss"] - 0.2, (before, after)
