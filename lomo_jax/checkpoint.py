@@ -39,7 +39,8 @@ LEAVES_FILE = "leaves.json"
 
 
 def _leaf_name(path) -> str:
-    return ".".join(str(getattr(k, "key", k)) for k in path)
+    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return ".".join(str(p) for p in parts)
 
 
 def write_params(path: Path, params: dict) -> None:
@@ -50,7 +51,7 @@ def write_params(path: Path, params: dict) -> None:
     An import passes numpy leaves (wrapping them as jax arrays first costs another full copy).
     """
     path = path.absolute()
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     names = []
     with _checkpointer() as ckptr:
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -82,6 +83,34 @@ def read_params(path: Path, sharding: Any = None) -> dict:
     return tree
 
 
+def read_like(path: Path, like: Any) -> Any:
+    """Restores a tree written by `write_params` into the structure of `like` (any pytree)."""
+    flat = read_params(path)
+    leaves = []
+    for leaf_path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+        node = flat
+        for k in _leaf_name(leaf_path).split("."):
+            node = node[k]
+        leaves.append(node)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def write_model(
+    directory: Path, config: LlamaConfig, params: Any, tokenizer_files: Iterable[str | Path] = ()
+) -> None:
+    """Writes config, tokenizer and params into an existing directory (a training run's output
+    directory is also its final model). The params folder appears only once complete."""
+    for f in tokenizer_files:
+        f = Path(f)
+        # A SentencePiece model travels under the name Hugging Face looks for.
+        dest = directory / ("tokenizer.model" if f.suffix == ".model" else f.name)
+        if f.resolve() != dest.resolve():
+            shutil.copy(f, dest)
+    with atomic_directory(directory / PARAMS_DIR, overwrite=True) as tmp:
+        write_params(tmp, params)
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+
+
 def save_pretrained(
     out: str | Path,
     config: LlamaConfig,
@@ -90,12 +119,7 @@ def save_pretrained(
     overwrite: bool = False,
 ) -> Path:
     with atomic_directory(out, overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        for f in tokenizer_files:
-            f = Path(f)
-            # A SentencePiece model travels under the name Hugging Face looks for.
-            shutil.copy(f, tmp / ("tokenizer.model" if f.suffix == ".model" else f.name))
-        write_params(tmp / PARAMS_DIR, params)
+        write_model(tmp, config, params, tokenizer_files)
     return Path(out)
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("lomo_jax")
 FORMATS = ("pretokenized", "text", "alpaca", "superglue")  # lomo_jax.data.FORMATS, without jax
@@ -41,11 +42,17 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
-    from lomo_jax.train import TrainConfig, train
+    from lomo_jax.train import CONFIG_FILE, TrainConfig, train
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    kw = {k: v for k, v in vars(a).items() if k in fields}
-    train(TrainConfig(**kw, shuffle=not a.no_shuffle))
+    given = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
+    if "no_shuffle" in vars(a):
+        given["shuffle"] = not a.no_shuffle
+    base = a.config
+    if a.resume:
+        base, given["out"] = Path(a.resume) / CONFIG_FILE, a.resume
+        if not base.is_file():
+            raise FileNotFoundError(f"{a.resume}: no {CONFIG_FILE}, not a run to resume")
+    train(TrainConfig.from_sources(base, given), resume=bool(a.resume))
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -118,42 +125,50 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("train", help="full-parameter fine-tuning with fused LOMO / AdaLomo")
-    s.add_argument("--model", required=True, help="anything from_pretrained reads")
-    s.add_argument(
-        "--data", required=True, help="file or directory (json, jsonl, csv, parquet, txt)"
+    s = sub.add_parser(
+        "train",
+        help="full-parameter fine-tuning with fused LOMO / AdaLomo",
+        argument_default=argparse.SUPPRESS,
     )
+    s.add_argument("--config", default=None, help="YAML file of options; flags override it")
+    s.add_argument("--resume", default=None, help="continue the run in this directory")
+    s.add_argument("--model", help="anything from_pretrained reads")
+    s.add_argument("--data", help="file or directory (json, jsonl, csv, parquet, txt)")
     s.add_argument(
         "--format",
-        default="pretokenized",
         choices=FORMATS,
-        help='pretokenized: jsonl {"input_ids": [...]} of seq-len tokens each',
+        help='default pretokenized: jsonl {"input_ids": [...]} of seq-len tokens',
     )
     s.add_argument(
         "--task", help="with --format superglue: copa, rte, cb, boolq, wic, wsc, multirc"
     )
-    s.add_argument("--out", required=True, help="output lomo-jax checkpoint directory")
-    s.add_argument("--optimizer", default="adalomo", choices=["lomo", "adalomo", "sgd", "adamw"])
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--steps", type=int, default=100)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--out", help="run directory; it ends up holding the trained model")
+    s.add_argument(
+        "--optimizer", choices=["lomo", "adalomo", "sgd", "adamw"], help="default adalomo"
+    )
+    s.add_argument("--lr", type=float)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--seq-len", type=int)
+    s.add_argument("--weight-decay", type=float)
     s.add_argument("--clip-grad-norm", type=float)
     s.add_argument("--clip-grad-value", type=float)
-    s.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
-    s.add_argument("--warmup-steps", type=int, default=0)
+    s.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    s.add_argument("--warmup-steps", type=int)
     s.add_argument("--no-shuffle", action="store_true", help="step k uses rows k*B..k*B+B-1")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--seed", type=int)
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument(
         "--gradient-accumulation-steps",
         type=int,
-        default=1,
         help="only for sgd/adamw: fused optimizers keep no gradients to accumulate",
     )
+    s.add_argument("--eval-data", help="validation data, same format")
+    s.add_argument("--eval-fraction", type=float, help="or hold out this share of --data")
+    s.add_argument("--eval-every", type=int, help="validate every N steps (and at the end)")
+    s.add_argument("--save-every", type=int, help="checkpoint every N steps (the last always)")
+    s.add_argument("--keep-checkpoints", type=int, help="keep the last K (default 2)")
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="loss / perplexity, or SuperGLUE multiple-choice accuracy")
@@ -207,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lomo-jax: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("lomo-jax: interrupted", file=sys.stderr)
+        print("lomo-jax: interrupted (a training run saved a checkpoint)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,19 +1,40 @@
-"""The training loop behind `lomo-jax train`: one config dataclass, one function."""
+"""The training loop behind `lomo-jax train`: a config dataclass, a run directory, one function.
+
+The run directory OUT holds the final model (a lomo-jax checkpoint: config.json, params/,
+tokenizer) and beside it the run: train_config.yaml (resolved), metrics.jsonl, tensorboard/,
+loss.png and checkpoints/step_NNNNNNNN/. A checkpoint is complete state -- params, optimizer state
+(AdaLomo factors), step, loss scale -- and the data position and RNG are functions of (seed,
+step), so a resumed run is bit-identical to one never interrupted.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 import time
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import yaml
 
-from lomo_jax.data import build_rows, check_vocab
-from lomo_jax.engine import Batch, init_train_state, make_fused_step, make_optax_step
-from lomo_jax.loss_scale import DynamicLossScale
+from lomo_jax import checkpoint
+from lomo_jax.atomic import OutputExistsError, atomic_directory
+from lomo_jax.data import Rows, build_rows, check_vocab
+from lomo_jax.engine import (
+    Batch,
+    TrainState,
+    init_train_state,
+    make_fused_step,
+    make_optax_step,
+)
+from lomo_jax.evaluate import evaluate_loss
+from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
 
@@ -21,6 +42,8 @@ log = logging.getLogger("lomo_jax")
 
 OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+CONFIG_FILE = "train_config.yaml"
+CKPT_DIR = "checkpoints"
 
 
 class ConfigError(ValueError):
@@ -32,6 +55,9 @@ class TrainConfig:
     model: str
     data: str
     out: str
+    format: str = "pretokenized"
+    task: str | None = None
+    tokenizer: str | None = None
     optimizer: str = "adalomo"
     lr: float = 1e-3
     steps: int = 100
@@ -46,10 +72,11 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     gradient_accumulation_steps: int = 1
-    format: str = "pretokenized"
-    task: str | None = None
-    tokenizer: str | None = None
-    overwrite: bool = False
+    eval_data: str | None = None
+    eval_fraction: float = 0.0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -60,6 +87,30 @@ class TrainConfig:
                 "gradient is consumed by the update the moment it exists; raise "
                 "--batch-size instead"
             )
+
+    @classmethod
+    def from_sources(cls, yaml_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Dataclass defaults < YAML file < command-line flags that were given."""
+        values: dict[str, Any] = {}
+        if yaml_file:
+            p = Path(yaml_file)
+            if not p.is_file():
+                raise ConfigError(f"{p}: file not found")
+            try:
+                loaded = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: expected a mapping of option: value")
+            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
+            if unknown:
+                raise ConfigError(f"{p}: unknown option {unknown[0]!r}")
+            values.update(loaded)
+        values.update(overrides)
+        missing = [k for k in ("model", "data", "out") if values.get(k) is None]
+        if missing:
+            raise ConfigError(f"missing required option --{missing[0]} (flag or config file)")
+        return cls(**values)
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -96,15 +147,9 @@ def _optax_tx(c: TrainConfig, schedule: Schedule) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def train(c: TrainConfig) -> list[dict]:
-    from lomo_jax.pretrained import from_pretrained
-
-    model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
-    cfg = model.config
-    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task)
-    check_vocab(rows, cfg.vocab_size, c.data)
+def _make_step(c: TrainConfig, cfg, params):
+    """(initial TrainState, step function (state, batch) -> (state, metrics)) for any optimizer."""
     schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
-    float16 = c.dtype == "float16"
     if c.optimizer in ("lomo", "adalomo"):
         cls = Lomo if c.optimizer == "lomo" else AdaLomo
         rule = cls(
@@ -112,45 +157,201 @@ def train(c: TrainConfig) -> list[dict]:
             clip_grad_norm=c.clip_grad_norm,
             clip_grad_value=c.clip_grad_value,
         )
-        scaler = DynamicLossScale() if float16 else None
-        step_fn = make_fused_step(cfg, rule, schedule, scaler)
-        state = init_train_state(rule, model.params, float16, scaler)
-    else:
-        tx = _optax_tx(c, schedule)
-        optax_step = make_optax_step(cfg, tx)
-        params, opt_state = model.params, tx.init(model.params)
+        scaler = DynamicLossScale() if c.dtype == "float16" else None
+        return (
+            init_train_state(rule, params, scaler is not None, scaler),
+            make_fused_step(cfg, rule, schedule, scaler),
+        )
+    tx = _optax_tx(c, schedule)
+    optax_step = make_optax_step(cfg, tx)
 
-    history = []
-    for step in range(c.steps):
-        b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
-        batch = Batch(
-            *(jnp.asarray(a) for a in (b.input_ids, b.labels, b.segment_ids, b.positions))
-        )
-        t0 = time.perf_counter()
-        if c.optimizer in ("lomo", "adalomo"):
-            state, m = step_fn(state, batch)
-        else:
-            params, opt_state, loss = optax_step(params, opt_state, batch)
-            m = {"loss": loss, "lr": schedule(step)}
-        m = {k: float(v) for k, v in m.items()}  # waits for the step
-        dt = time.perf_counter() - t0
-        m.update(
-            step=step + 1, tokens_per_s=b.input_ids.size / dt, peak_memory_bytes=peak_memory_bytes()
-        )
+    def step(state: TrainState, batch: Batch):
+        params, opt_state, loss = optax_step(state.params, state.opt_state, batch)
+        metrics = {"loss": loss, "lr": schedule(state.step)}
+        return TrainState(params, opt_state, state.step + 1, state.scale), metrics
+
+    return TrainState(params, tx.init(params), jnp.int32(0), no_scaling()), step
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def _checkpoints(out: Path) -> list[Path]:
+    d = out / CKPT_DIR
+    return sorted(p for p in d.glob("step_*") if p.is_dir()) if d.is_dir() else []
+
+
+def save_state(out: Path, state: TrainState, keep: int) -> Path:
+    step = int(state.step)
+    dest = out / CKPT_DIR / f"step_{step:08d}"
+    with atomic_directory(dest, overwrite=True) as tmp:  # a kill here leaves the previous one
+        checkpoint.write_params(tmp / "params", state.params)
+        checkpoint.write_params(tmp / "opt_state", state.opt_state)
+        meta = {
+            "step": step,
+            "loss_scale": float(state.scale.scale),
+            "clean_steps": int(state.scale.clean_steps),
+        }
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", dest)
+    return dest
+
+
+def load_state(ckpt: Path, like: TrainState) -> TrainState:
+    meta = json.loads((ckpt / "state.json").read_text())
+    opt_state = (
+        checkpoint.read_like(ckpt / "opt_state", like.opt_state)
+        if jax.tree.leaves(like.opt_state)
+        else like.opt_state
+    )
+    return TrainState(
+        checkpoint.read_like(ckpt / "params", like.params),
+        opt_state,
+        jnp.int32(meta["step"]),
+        ScaleState(jnp.float32(meta["loss_scale"]), jnp.int32(meta["clean_steps"])),
+    )
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def _to_batch(rows: Rows) -> Batch:
+    return Batch(
+        *(jnp.asarray(a) for a in (rows.input_ids, rows.labels, rows.segment_ids, rows.positions))
+    )
+
+
+def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
+    if c.eval_data:
+        eval_rows = build_rows(c.format, c.eval_data, tokenizer, c.seq_len, c.task)
+        check_vocab(eval_rows, vocab, c.eval_data)
+        return rows, eval_rows
+    if c.eval_fraction > 0:
+        order = np.random.default_rng([c.seed, 2**31 - 1]).permutation(len(rows))
+        n_eval = max(1, int(len(rows) * c.eval_fraction))
+        return rows.take(np.sort(order[n_eval:])), rows.take(np.sort(order[:n_eval]))
+    return rows, None
+
+
+def _prepare_out(c: TrainConfig, resume: bool) -> Path:
+    out = Path(c.out)
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"{out}: not a training run (no {CONFIG_FILE}) to resume")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(f"{out}: already exists (pass --resume {out} to continue it)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_plot(out: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in history if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
+    if train:
+        ax.plot(*zip(*train), label="training loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+def train(c: TrainConfig, resume: bool = False) -> list[dict]:
+    from tensorboardX import SummaryWriter
+
+    from lomo_jax.pretrained import from_pretrained
+
+    model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
+    cfg = model.config
+    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task)
+    check_vocab(rows, cfg.vocab_size, c.data)
+    rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
+    out = _prepare_out(c, resume)  # only after every input has been checked
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(c), sort_keys=False))
+
+    state, step_fn = _make_step(c, cfg, model.params)
+    history: list[dict] = []
+    metrics_file = out / "metrics.jsonl"
+    if resume and _checkpoints(out):
+        ckpt = _checkpoints(out)[-1]
+        state = load_state(ckpt, state)
+        log.info("resuming from %s", ckpt)
+    start = int(state.step)
+    if metrics_file.exists():  # keep the curve up to the checkpoint, drop what followed it
+        history = [
+            m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start
+        ]
+    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
+    tb = SummaryWriter(str(out / "tensorboard"))
+
+    def record(m: dict) -> None:
         history.append(m)
-        log.info(
-            "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB",
-            step + 1,
-            c.steps,
-            m["loss"],
-            m["lr"],
-            m["tokens_per_s"],
-            m["peak_memory_bytes"] / 1e9,
-        )
-        if not np.isfinite(m["loss"]) and not float16:
-            raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}; stopping")
-    final = state.params if c.optimizer in ("lomo", "adalomo") else params
-    model.params = final
-    model.save_pretrained(c.out, overwrite=c.overwrite)
-    log.info("saved %s", c.out)
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        for k, v in m.items():
+            if k != "step":
+                tb.add_scalar(k, v, m["step"])
+
+    def evaluate(step: int) -> None:
+        r = evaluate_loss(cfg, state.params, eval_rows, c.batch_size)
+        log.info("step %d  validation loss %.4f  perplexity %.3f", step, r["loss"], r["perplexity"])
+        record({"step": step, "eval_loss": r["loss"], "eval_perplexity": r["perplexity"]})
+
+    t_start = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, c.steps):
+            b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
+            t0 = time.perf_counter()
+            new_state, m = step_fn(state, _to_batch(b))
+            m = {k: float(v) for k, v in m.items()}  # waits for the step
+            if not np.isfinite(m["loss"]) and c.dtype != "float16":
+                raise FloatingPointError(
+                    f"loss is {m['loss']} at step {step + 1}; stopped, the "
+                    "last checkpoint is untouched"
+                )
+            state = new_state
+            dt = time.perf_counter() - t0
+            eta = (time.perf_counter() - t_start) / (step + 1 - start) * (c.steps - step - 1)
+            m.update(
+                step=step + 1,
+                tokens_per_s=b.input_ids.size / dt,
+                peak_memory_bytes=peak_memory_bytes(),
+            )
+            record(m)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB  eta %.0fs",
+                step + 1,
+                c.steps,
+                m["loss"],
+                m["lr"],
+                m["tokens_per_s"],
+                m["peak_memory_bytes"] / 1e9,
+                eta,
+            )
+            if eval_rows is not None and c.eval_every and (step + 1) % c.eval_every == 0:
+                evaluate(step + 1)
+            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
+                save_state(out, state, c.keep_checkpoints)
+    except KeyboardInterrupt:
+        log.info("interrupted: saving a checkpoint at step %d", int(state.step))
+        save_state(out, state, c.keep_checkpoints)
+        tb.close()
+        raise
+    if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
+        evaluate(c.steps)
+    save_state(out, state, c.keep_checkpoints)  # the final step is always saved
+    checkpoint.write_model(out, cfg, state.params, model.tokenizer.files if model.tokenizer else ())
+    tb.close()
+    _write_plot(out, history)
+    log.info("saved the model in %s (loss plot: %s)", out, out / "loss.png")
     return history
