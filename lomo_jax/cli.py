@@ -58,7 +58,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     import json
 
-    from lomo_jax.data import build_rows, check_vocab
+    from lomo_jax.data import build_rows, check_tokenizer, check_vocab
     from lomo_jax.evaluate import evaluate_loss
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
@@ -68,6 +68,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         model = from_pretrained(a.ckpt, a.tokenizer)
         if model.tokenizer is None:
             raise TaskError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
+        check_tokenizer(model.tokenizer, model.config.vocab_size)
         scores = candidate_scores(
             model.config, model.params, model.tokenizer, examples, a.batch_size
         )
@@ -75,6 +76,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         text = f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples"
     else:
         model = from_pretrained(a.ckpt, a.tokenizer)
+        check_tokenizer(model.tokenizer, model.config.vocab_size)
         rows = build_rows(a.format or "pretokenized", a.data, model.tokenizer, a.seq_len)
         check_vocab(rows, model.config.vocab_size, a.data)
         result = evaluate_loss(model.config, model.params, rows, a.batch_size)

@@ -188,6 +188,13 @@ def _packed_text(tok: Tokenizer, docs: list[str], seq_len: int, path) -> Rows:
     return Rows(ids, labels, seg, pos)
 
 
+def _need(tok: Tokenizer | None, path, fmt: str) -> None:
+    if tok is None:
+        raise DataError(
+            f"{path}: format {fmt} needs a tokenizer (the checkpoint has none; pass --tokenizer)"
+        )
+
+
 def build_rows(
     fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
 ) -> Rows:
@@ -198,16 +205,14 @@ def build_rows(
         seg = np.ones_like(ids)
         pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
         return Rows(ids, ids.copy(), seg, pos)
-    if tok is None:
-        raise DataError(
-            f"{path}: format {fmt} needs a tokenizer (the checkpoint has none; pass --tokenizer)"
-        )
-    records = load_records(path)
+    records = load_records(path)  # the file's own problems are reported first
     if fmt == "text":
         _require(records, ("text",), path, fmt)
+        _need(tok, path, fmt)
         return _packed_text(tok, [r["text"] or "" for r in records], seq_len, path)
     if fmt == "alpaca":
         _require(records, ("instruction", "output"), path, fmt)
+        _need(tok, path, fmt)
         prompts = [
             (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
                 **{"instruction": r["instruction"], "input": r.get("input") or ""}
@@ -223,9 +228,18 @@ def build_rows(
         examples = examples_from_records(task, records, path)
     except TaskError as e:
         raise DataError(str(e)) from None
+    _need(tok, path, fmt)
     prompts = [ex.context for ex in examples]
     answers = [ex.candidates[ex.label] for ex in examples]
     return _prompt_response(tok, prompts, answers, seq_len, path)
+
+
+def check_tokenizer(tok: Tokenizer | None, vocab_size: int) -> None:
+    if tok is not None and tok.vocab_size > vocab_size:
+        raise DataError(
+            f"{tok.files[0] if tok.files else 'tokenizer'}: {tok.vocab_size} tokens "
+            f"do not fit the model's vocab_size {vocab_size} (wrong tokenizer?)"
+        )
 
 
 def check_vocab(rows: Rows, vocab_size: int, path) -> None:

@@ -25,7 +25,7 @@ import yaml
 
 from lomo_jax import checkpoint
 from lomo_jax.atomic import OutputExistsError, atomic_directory
-from lomo_jax.data import Rows, build_rows, check_vocab
+from lomo_jax.data import Rows, build_rows, check_tokenizer, check_vocab
 from lomo_jax.engine import (
     Batch,
     TrainState,
@@ -272,6 +272,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
 
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
     cfg = model.config
+    check_tokenizer(model.tokenizer, cfg.vocab_size)
     rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task)
     check_vocab(rows, cfg.vocab_size, c.data)
     rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
