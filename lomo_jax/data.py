@@ -9,8 +9,10 @@ document), which is what `engine.Batch` carries.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +197,41 @@ def _need(tok: Tokenizer | None, path, fmt: str) -> None:
         )
 
 
+def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task) -> str:
+    h = hashlib.sha256(json.dumps([fmt, seq_len, task]).encode())
+    for f in _files(path) + (tok.files if tok else []):
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOMO_JAX_CACHE", Path.home() / ".cache" / "lomo_jax"))
+
+
 def build_rows(
+    fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
+) -> Rows:
+    """Tokenized rows, cached by file identity (path, size, mtime), format and tokenizer, so a
+    second run over the same data starts at once."""
+    if fmt != "pretokenized" and Path(path).exists():
+        cached = cache_dir() / f"rows-{_cache_key(fmt, Path(path), tok, seq_len, task)}.npz"
+        if cached.exists():
+            with np.load(cached) as z:
+                log.info(
+                    "%s: %d tokenized rows from the cache %s", path, len(z["input_ids"]), cached
+                )
+                return Rows(*(z[k] for k in ("input_ids", "labels", "segment_ids", "positions")))
+        rows = _build_rows(fmt, path, tok, seq_len, task)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **dataclasses.asdict(rows))
+        os.replace(tmp, cached)
+        return rows
+    return _build_rows(fmt, path, tok, seq_len, task)
+
+
+def _build_rows(
     fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
 ) -> Rows:
     if fmt not in FORMATS:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,37 @@ def _write_plot(out: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+class _ProgressBar:
+    """A rich progress bar (step, loss, lr, tokens/s, memory, ETA) for interactive terminals."""
+
+    def __init__(self, total: int, start: int):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, completed: int, info: str) -> None:
+        self.progress.update(self.task, completed=completed, info=info)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     from tensorboardX import SummaryWriter
 
@@ -309,6 +341,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
 
     t_start = time.perf_counter()
     step = start
+    bar = _ProgressBar(c.steps, start) if sys.stderr.isatty() else None
     try:
         for step in range(start, c.steps):
             b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
@@ -329,25 +362,27 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 peak_memory_bytes=peak_memory_bytes(),
             )
             record(m)
-            log.info(
-                "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  peak mem %.2f GB  eta %.0fs",
-                step + 1,
-                c.steps,
-                m["loss"],
-                m["lr"],
-                m["tokens_per_s"],
-                m["peak_memory_bytes"] / 1e9,
-                eta,
+            line = (
+                f"loss {m['loss']:.4f}  lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
+                f"peak mem {m['peak_memory_bytes'] / 1e9:.2f} GB"
             )
+            if bar:
+                bar.update(step + 1, line)
+            else:
+                log.info("step %d/%d  %s  eta %.0fs", step + 1, c.steps, line, eta)
             if eval_rows is not None and c.eval_every and (step + 1) % c.eval_every == 0:
                 evaluate(step + 1)
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
                 save_state(out, state, c.keep_checkpoints)
     except KeyboardInterrupt:
+        if bar:
+            bar.close()
         log.info("interrupted: saving a checkpoint at step %d", int(state.step))
         save_state(out, state, c.keep_checkpoints)
         tb.close()
         raise
+    if bar:
+        bar.close()
     if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
         evaluate(c.steps)
     save_state(out, state, c.keep_checkpoints)  # the final step is always saved

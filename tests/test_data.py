@@ -116,3 +116,18 @@ def test_alpaca_training_lowers_validation_loss(stories, tmp_path, capsys):
     after = val_loss(tmp_path / "ft")
     assert after["tokens"] == before["tokens"] > 0
     assert after["loss"] < before["loss"] - 0.2, (before, after)
+
+
+def test_tokenized_rows_are_cached_and_invalidated(stories, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMO_JAX_CACHE", str(tmp_path / "cache"))
+    tok = lomo_jax.from_pretrained(stories).tokenizer
+    data = tmp_path / "t.txt"
+    data.write_text("Tom had a red ball.\n" * 40)
+    first = build_rows("text", data, tok, 32)
+    assert len(list((tmp_path / "cache").glob("rows-*.npz"))) == 1
+    again = build_rows("text", data, tok, 32)
+    assert (again.input_ids == first.input_ids).all() and (again.labels == first.labels).all()
+    data.write_text("The cat sat on the mat.\n" * 40)  # a changed file is tokenized anew
+    changed = build_rows("text", data, tok, 32)
+    assert len(list((tmp_path / "cache").glob("rows-*.npz"))) == 2
+    assert not (changed.input_ids[0] == first.input_ids[0]).all()
