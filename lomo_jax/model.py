@@ -4,7 +4,7 @@ The model is three pure functions of (params, inputs) that compose as
 
     h = embed(cfg, params["embed"], ids)                           # [B, T, D]
     for i in range(L):                                             # lax.scan over layers
-        h = decoder_layer(cfg, layer_slice(params["layers"], i), h, positions, mask)
+        h = decoder_layer(cfg, tree.map(lambda w: w[i], params["layers"]), h, positions, mask)
     logits = head(cfg, params, h)                                  # final norm + lm_head
 
 `params["layers"]` holds every decoder weight with a leading layer axis [L, ...], which is what
@@ -188,10 +188,6 @@ def head(cfg: LlamaConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
     """Final norm and output projection -> float32 logits [B, T, V]."""
     x_BTD = RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, h_BTD)
     return jnp.einsum("btd,dv->btv", x_BTD, head_weight(cfg, params)).astype(jnp.float32)
-
-
-def layer_slice(p_layers: Params, i) -> Params:
-    return jax.tree.map(lambda x: x[i], p_layers)
 
 
 def default_positions(ids_BT: jax.Array) -> jax.Array:

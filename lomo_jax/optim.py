@@ -116,9 +116,6 @@ class AdaLomo:
         return (w - alpha * u).astype(p.dtype), s
 
 
-FusedOptimizer = Lomo | AdaLomo
-
-
 def init_state(rule: UpdateRule, params: dict) -> dict:
     """Optimizer state mirroring `params`; stacked layer weights get per-layer state."""
     state = {k: jax.tree.map(rule.init, v) for k, v in params.items() if k != "layers"}

@@ -2,6 +2,7 @@
 PyTorch `lomo-optim` on transformers' LlamaForCausalLM."""
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import transformers
 
 import lomo_jax
 from convert.layout import hf_tensors
-from lomo_jax.engine import Batch, init_train_state, make_fused_step
+from lomo_jax.engine import Batch, init_train_state, make_fused_step, unfused_step
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
@@ -73,6 +74,22 @@ def test_fused_lomo_equals_jax_grad_sgd(clip, cfg_name):
         updates, opt_state = tx.update(grads, opt_state, ref)
         ref = optax.apply_updates(ref, updates)
     assert_trees_close(state.params, ref, rtol=1e-6)
+
+
+def test_fused_step_equals_the_same_rule_driven_by_jax_grad():
+    """optim.apply_updates on a full jax.grad tree (vmapped over the layer axis) is the fused
+    step's reference for AdaLomo with weight decay and norm clipping."""
+    cfg = CONFIGS["mha-tied"]
+    params = lomo_jax.init_params(cfg, jax.random.key(5))
+    rule = AdaLomo(weight_decay=0.1, clip_grad_norm=0.5)
+    ids_list = batches(cfg, 3, seed=30)
+    fused, _ = run_fused(cfg, params, rule, ids_list, lr=1e-2)
+    step = jax.jit(functools.partial(unfused_step, cfg, rule, Schedule(1e-2)))
+    state = init_train_state(rule, params)
+    for ids in ids_list:
+        state, _ = step(state, Batch(jnp.asarray(ids), jnp.asarray(ids)))
+    assert_trees_close(fused.params, state.params, rtol=1e-5)
+    assert_trees_close(fused.opt_state, state.opt_state, rtol=1e-5)
 
 
 def _unstack(params):
