@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("lomo_jax")
-FORMATS = ("pretokenized", "text", "alpaca", "superglue")  # lomo_jax.data.FORMATS, without jax
+FORMATS = (
+    "pretokenized",
+    "text",
+    "alpaca",
+    "superglue",
+    "template",
+)  # lomo_jax.data.FORMATS, without jax
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
@@ -77,7 +83,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     else:
         model = from_pretrained(a.ckpt, a.tokenizer)
         check_tokenizer(model.tokenizer, model.config.vocab_size)
-        rows = build_rows(a.format or "pretokenized", a.data, model.tokenizer, a.seq_len)
+        rows = build_rows(
+            a.format or "pretokenized", a.data, model.tokenizer, a.seq_len, template=a.template
+        )
         check_vocab(rows, model.config.vocab_size, a.data)
         result = evaluate_loss(model.config, model.params, rows, a.batch_size)
         text = (
@@ -144,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--task", help="with --format superglue: copa, rte, cb, boolq, wic, wsc, multirc"
     )
+    s.add_argument(
+        "--template",
+        help="with --format template: YAML with prompt and response "
+        "format strings over the record fields (loss on the response)",
+    )
     s.add_argument("--out", help="run directory; it ends up holding the trained model")
     s.add_argument(
         "--optimizer", choices=["lomo", "adalomo", "sgd", "adamw"], help="default adalomo"
@@ -178,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="what train takes, or a task's jsonl")
     s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
     s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
+    s.add_argument("--template", help="with --format template: the prompt / response YAML")
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")

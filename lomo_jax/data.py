@@ -22,7 +22,7 @@ from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")
 
-FORMATS = ("pretokenized", "text", "alpaca", "superglue")
+FORMATS = ("pretokenized", "text", "alpaca", "superglue", "template")
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -197,9 +197,26 @@ def _need(tok: Tokenizer | None, path, fmt: str) -> None:
         )
 
 
-def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task) -> str:
+def _template(path: str | Path) -> tuple[str, str]:
+    """A YAML file with `prompt` and `response`: format strings over each record's fields."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: template file not found")
+    try:
+        t = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(t, dict) or not {"prompt", "response"} <= set(t):
+        raise DataError(f"{p}: a template needs 'prompt' and 'response' entries")
+    return str(t["prompt"]), str(t["response"])
+
+
+def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task, template) -> str:
     h = hashlib.sha256(json.dumps([fmt, seq_len, task]).encode())
-    for f in _files(path) + (tok.files if tok else []):
+    extra = [Path(template)] if template and Path(template).is_file() else []
+    for f in _files(path) + (tok.files if tok else []) + extra:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
@@ -210,29 +227,41 @@ def cache_dir() -> Path:
 
 
 def build_rows(
-    fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
+    fmt: str,
+    path: str | Path,
+    tok: Tokenizer | None,
+    seq_len: int,
+    task: str | None = None,
+    template: str | None = None,
 ) -> Rows:
     """Tokenized rows, cached by file identity (path, size, mtime), format and tokenizer, so a
     second run over the same data starts at once."""
     if fmt != "pretokenized" and Path(path).exists():
-        cached = cache_dir() / f"rows-{_cache_key(fmt, Path(path), tok, seq_len, task)}.npz"
+        cached = (
+            cache_dir() / f"rows-{_cache_key(fmt, Path(path), tok, seq_len, task, template)}.npz"
+        )
         if cached.exists():
             with np.load(cached) as z:
                 log.info(
                     "%s: %d tokenized rows from the cache %s", path, len(z["input_ids"]), cached
                 )
                 return Rows(*(z[k] for k in ("input_ids", "labels", "segment_ids", "positions")))
-        rows = _build_rows(fmt, path, tok, seq_len, task)
+        rows = _build_rows(fmt, path, tok, seq_len, task, template)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, **dataclasses.asdict(rows))
         os.replace(tmp, cached)
         return rows
-    return _build_rows(fmt, path, tok, seq_len, task)
+    return _build_rows(fmt, path, tok, seq_len, task, template)
 
 
 def _build_rows(
-    fmt: str, path: str | Path, tok: Tokenizer | None, seq_len: int, task: str | None = None
+    fmt: str,
+    path: str | Path,
+    tok: Tokenizer | None,
+    seq_len: int,
+    task: str | None = None,
+    template: str | None = None,
 ) -> Rows:
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -256,6 +285,19 @@ def _build_rows(
             for r in records
         ]
         return _prompt_response(tok, prompts, [r["output"] or "" for r in records], seq_len, path)
+    if fmt == "template":
+        if template is None:
+            raise DataError("format template needs --template FILE")
+        prompt, response = _template(template)
+        try:
+            prompts = [prompt.format(**r) for r in records]
+            answers = [response.format(**r) for r in records]
+        except KeyError as e:
+            raise DataError(
+                f"{path}: a record has no field {e.args[0]!r} that {template} uses"
+            ) from None
+        _need(tok, path, fmt)
+        return _prompt_response(tok, prompts, answers, seq_len, path)
     from lomo_jax.tasks import TaskError, examples_from_records
 
     if task is None:

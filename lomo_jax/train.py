@@ -58,6 +58,7 @@ class TrainConfig:
     out: str
     format: str = "pretokenized"
     task: str | None = None
+    template: str | None = None
     tokenizer: str | None = None
     optimizer: str = "adalomo"
     lr: float = 1e-3
@@ -222,7 +223,7 @@ def _to_batch(rows: Rows) -> Batch:
 
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
     if c.eval_data:
-        eval_rows = build_rows(c.format, c.eval_data, tokenizer, c.seq_len, c.task)
+        eval_rows = build_rows(c.format, c.eval_data, tokenizer, c.seq_len, c.task, c.template)
         check_vocab(eval_rows, vocab, c.eval_data)
         return rows, eval_rows
     if c.eval_fraction > 0:
@@ -305,7 +306,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
     cfg = model.config
     check_tokenizer(model.tokenizer, cfg.vocab_size)
-    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task)
+    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task, c.template)
     check_vocab(rows, cfg.vocab_size, c.data)
     rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
     out = _prepare_out(c, resume)  # only after every input has been checked

@@ -131,3 +131,16 @@ def test_tokenized_rows_are_cached_and_invalidated(stories, tmp_path, monkeypatc
     changed = build_rows("text", data, tok, 32)
     assert len(list((tmp_path / "cache").glob("rows-*.npz"))) == 2
     assert not (changed.input_ids[0] == first.input_ids[0]).all()
+
+
+def test_template_format_puts_loss_on_the_response_only(stories, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMO_JAX_CACHE", str(tmp_path / "cache"))
+    tok = lomo_jax.from_pretrained(stories).tokenizer
+    (tmp_path / "t.yaml").write_text('prompt: "Q: {question}\\nA:"\nresponse: "{answer}"\n')
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": "Who?", "answer": "Tom."}) + "\n")
+    rows = build_rows("template", tmp_path / "d.jsonl", tok, 64, template=tmp_path / "t.yaml")
+    prompt = tok.encode("Q: Who?\nA:", bos=True)
+    answer = tok.encode("Tom.", bos=False, eos=True)
+    assert rows.input_ids[0, : len(prompt) + len(answer)].tolist() == prompt + answer
+    assert (rows.labels[0, : len(prompt)] == IGNORE).all()
+    assert rows.labels[0, len(prompt) : len(prompt) + len(answer)].tolist() == answer
