@@ -9,11 +9,14 @@ step), so a resumed run is bit-identical to one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -267,6 +270,27 @@ def _write_plot(out: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C takes effect between steps: the state is donated to each step, so an interrupt
+    inside one would lose it. A second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = []
+
+    def handler(signum, frame):
+        flag.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        log.info("Ctrl-C: stopping after this step (press again to abort now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _ProgressBar:
     """A rich progress bar (step, loss, lr, tokens/s, memory, ETA) for interactive terminals."""
 
@@ -343,7 +367,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     t_start = time.perf_counter()
     step = start
     bar = _ProgressBar(c.steps, start) if sys.stderr.isatty() else None
-    try:
+    with _deferred_interrupt() as interrupted:
         for step in range(start, c.steps):
             b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
             t0 = time.perf_counter()
@@ -375,13 +399,13 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 evaluate(step + 1)
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
                 save_state(out, state, c.keep_checkpoints)
-    except KeyboardInterrupt:
-        if bar:
-            bar.close()
-        log.info("interrupted: saving a checkpoint at step %d", int(state.step))
-        save_state(out, state, c.keep_checkpoints)
-        tb.close()
-        raise
+            if interrupted():
+                if bar:
+                    bar.close()
+                log.info("interrupted: saving a checkpoint at step %d", int(state.step))
+                save_state(out, state, c.keep_checkpoints)
+                tb.close()
+                raise KeyboardInterrupt
     if bar:
         bar.close()
     if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):

@@ -94,3 +94,78 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert yaml.safe_load((killed / "train_config.yaml").read_text())["steps"] == STEPS
     assert (killed / "loss.png").stat().st_size > 0
     assert len(list((killed / "checkpoints").iterdir())) == 2  # keep the last two
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 40, 16, seed=1))
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lomo_jax.cli",
+        "train",
+        "--model",
+        str(src),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+    ]
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=os.getcwd()), stderr=log)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (
+        (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert step >= 3
+    assert main(["train", "--resume", str(run), "--steps", str(step + 2)]) == 0
+    assert losses(run)[-1][0] == step + 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(src),
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--optimizer",
+            "lomo",
+            "--lr",
+            "1e30",
+            "--steps",
+            "5",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "16",
+            "--save-every",
+            "1",
+        ]
+    )
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is nan at step 2" in err and "last checkpoint is untouched" in err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
