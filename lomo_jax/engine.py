@@ -4,7 +4,8 @@ JAX has no backward hooks, so the backward pass is written out:
 
 1. forward: `lax.scan` over the stacked layers, saving only each layer's input h_i
    (activation checkpointing at layer boundaries);
-2. head: vjp of final norm + lm_head + cross-entropy; the head is updated at once;
+2. head: vjp of final norm + lm_head + cross-entropy, over sequence chunks so the [B, T, V]
+   logits never exist at once; the head is updated at once;
 3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, update layer i's
    weights and optimizer state in the carried (donated) stacks, pass dh_i down;
 4. embedding: the gradient is a scatter-add of dh_0 into its rows (plus the head's gradient when
@@ -15,10 +16,9 @@ layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same 
 global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
 paper does; only one layer's gradients are alive at a time in either pass.
 
-Copies: each layer's weights are read exactly once per pass (one dynamic slice feeds both the vjp
-and the update), and the write-back is a dynamic_update_slice of that same slice's successor, so
-XLA can update the stacks in place; tests/test_engine_memory.py fails if a stack-sized temporary
-comes back.
+Copies: XLA updates a stack in place (dynamic_update_slice into the donated carry) only when it
+can prove every read of layer i's weights happens before the write; `_depends_on` adds the data
+edges that prove it. tests/test_engine_memory.py fails if a copy of a stack comes back.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
         p_layers = jax.tree.map(put, p_layers, p_i)
         # The rule's state reads feed the weight update: state writes after the weight writes.
-        s_i = _depends_on(s_i, [x[i] for x in jax.tree.leaves(p_layers)])
+        s_i = _depends_on(s_i, [w[i] for w in jax.tree.leaves(p_layers)])
         return (p_layers, jax.tree.map(put, s_layers, s_i), dh), None
 
     idx = jnp.arange(cfg.num_hidden_layers)
