@@ -93,6 +93,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert [np.asarray(x).tobytes() for x in a] == [np.asarray(y).tobytes() for y in b]
     assert yaml.safe_load((killed / "train_config.yaml").read_text())["steps"] == STEPS
     assert (killed / "loss.png").stat().st_size > 0
+    assert list((killed / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((killed / "checkpoints").iterdir())) == 2  # keep the last two
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 import lomo_jax
 from lomo_jax.cli import main
@@ -102,3 +103,35 @@ def test_train_cli_bad_input(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err and err.startswith("lomo-jax: error:")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_yaml_config_with_flag_overrides(tmp_path):
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=3))
+    (tmp_path / "run.yaml").write_text(
+        f"model: {src}\ndata: {data}\nseq_len: 16\nbatch_size: 2\nsteps: 2\n"
+        "optimizer: lomo\nlr: 0.5\nschedule: cosine\n"
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "run.yaml"),
+                "--lr",
+                "0.01",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    resolved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert resolved["lr"] == 0.01 and resolved["optimizer"] == "lomo"
+    assert resolved["schedule"] == "cosine" and resolved["steps"] == 2
+
+
+def test_yaml_config_rejects_unknown_options(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("learning_rate: 0.1\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 1
+    assert "unknown option 'learning_rate'" in capsys.readouterr().err
