@@ -26,6 +26,7 @@ CASES = {
         ["--data", "{tmp}/text.json", "--format", "alpaca"],
         "has no field 'instruction'",
     ),
+    "not json": (["--data", "{tmp}/garbage.json", "--format", "alpaca"], "cannot read as json"),
     "unknown format": (["--data", "{tmp}/text.json", "--format", "poetry"], "invalid choice"),
     "unknown task": (
         ["--data", "{tmp}/text.json", "--format", "superglue", "--task", "nli"],
@@ -45,6 +46,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_train_input_leaves_the_run_alone(tmp_path, src, capsys, case):
     (tmp_path / "text.json").write_text(json.dumps([{"text": "hello world " * 50}]))
+    (tmp_path / "garbage.json").write_bytes(b"\x00\x01 not json {{{")
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
