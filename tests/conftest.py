@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LOMO_JAX_CACHE", tempfile.mkdtemp(prefix="lomo_jax_cache_"))
 
 from convert.synthetic import random_hf_tensors, write_hf  # noqa: E402
 from lomo_jax.config import LlamaConfig  # noqa: E402
