@@ -43,43 +43,70 @@ def _leaf_name(path) -> str:
     return ".".join(str(p) for p in parts)
 
 
-def write_params(path: Path, params: dict) -> None:
-    """One orbax checkpoint per leaf, written one after another.
+# Leaves larger than this are written as slices along their first (layer) axis.
+PIECE_BYTES = 256 * 2**20
+
+
+def write_params(path: Path, params: Any) -> None:
+    """One orbax checkpoint per leaf (and per layer slice of a large stacked leaf), one after
+    another.
 
     Saved in one go, orbax stages a host copy of every array at once (save_concurrent_gb does not
-    bound it on CPU), doubling an import's peak memory; leaf by leaf the extra is about one leaf.
+    bound it on CPU), doubling an import's peak memory; piece by piece the extra is one piece.
     An import passes numpy leaves (wrapping them as jax arrays first costs another full copy).
     """
     path = path.absolute()
     path.mkdir(parents=True, exist_ok=True)
-    names = []
+    index = []
     with _checkpointer() as ckptr:
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             name = _leaf_name(leaf_path)
-            ckptr.save(path / name, args=ocp.args.PyTreeSave({"value": leaf}))
-            names.append(name)
-    (path / LEAVES_FILE).write_text(json.dumps(names, indent=1) + "\n")
+            nbytes = leaf.size * leaf.dtype.itemsize
+            pieces = leaf.shape[0] if leaf.ndim > 1 and nbytes > PIECE_BYTES else 0
+            for i, piece in enumerate([leaf[i] for i in range(pieces)] if pieces else [leaf]):
+                dest = path / (f"{name}@{i}" if pieces else name)
+                ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
+            index.append({"name": name, "pieces": pieces})
+    (path / LEAVES_FILE).write_text(json.dumps(index, indent=1) + "\n")
 
 
 def read_params(path: Path, sharding: Any = None) -> dict:
     """Restores the tree; with `sharding` (a dict of shardings by leaf name, or one for all)
     straight onto devices."""
     path = path.absolute()
-    names = json.loads((path / LEAVES_FILE).read_text())
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     tree: dict = {}
     with _checkpointer() as ckptr:
-        for name in names:
-            meta = ckptr.metadata(path / name)
+
+        def restore(item: Path, as_numpy: bool, s=None):
+            meta = ckptr.metadata(item)
             m = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["value"]
+            arg = (
+                ocp.RestoreArgs(restore_type=np.ndarray)
+                if as_numpy
+                else ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)
+            )
+            return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))[
+                "value"
+            ]
+
+        for entry in json.loads((path / LEAVES_FILE).read_text()):
+            name, pieces = entry["name"], entry["pieces"]
             s = sharding.get(name, default) if isinstance(sharding, dict) else sharding or default
-            args = {"value": ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)}
-            value = ckptr.restore(path / name, args=ocp.args.PyTreeRestore(restore_args=args))
+            if pieces:  # fill one host array slice by slice, then hand it to the device
+                first = restore(path / f"{name}@0", True)
+                value = np.empty((pieces, *first.shape), first.dtype)
+                value[0] = first
+                for i in range(1, pieces):
+                    value[i] = restore(path / f"{name}@{i}", True)
+                value = jax.device_put(value, s)
+            else:
+                value = restore(path / name, False, s)
             node = tree
             *parents, leaf = name.split(".")
             for k in parents:
                 node = node.setdefault(k, {})
-            node[leaf] = value["value"]
+            node[leaf] = value
     return tree
 
 
