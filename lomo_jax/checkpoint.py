@@ -70,6 +70,23 @@ def write_params(path: Path, params: Any) -> None:
     (path / LEAVES_FILE).write_text(json.dumps(index, indent=1) + "\n")
 
 
+class CheckpointError(ValueError):
+    pass
+
+
+def _read_index(path: Path) -> list[dict]:
+    f = path / LEAVES_FILE
+    try:
+        index = json.loads(f.read_text())
+        if not all(isinstance(e, dict) and {"name", "pieces"} <= set(e) for e in index):
+            raise ValueError
+        return index
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing (not a lomo-jax checkpoint?)") from None
+    except ValueError:
+        raise CheckpointError(f"{f}: not a lomo-jax parameter index") from None
+
+
 def read_params(path: Path, sharding: Any = None) -> dict:
     """Restores the tree; with `sharding` (a dict of shardings by leaf name, or one for all)
     straight onto devices."""
@@ -90,7 +107,7 @@ def read_params(path: Path, sharding: Any = None) -> dict:
                 "value"
             ]
 
-        for entry in json.loads((path / LEAVES_FILE).read_text()):
+        for entry in _read_index(path):
             name, pieces = entry["name"], entry["pieces"]
             s = sharding.get(name, default) if isinstance(sharding, dict) else sharding or default
             if pieces:  # fill one host array slice by slice, then hand it to the device

@@ -207,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from convert.errors import ConversionError
     from lomo_jax.atomic import OutputExistsError
+    from lomo_jax.checkpoint import CheckpointError
     from lomo_jax.data import DataError
     from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
@@ -215,6 +216,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (
         ConversionError,
         OutputExistsError,
+        CheckpointError,
         TokenizerError,
         DataError,
         ConfigError,

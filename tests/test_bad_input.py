@@ -143,3 +143,13 @@ def test_bad_tokenizer_fails_cleanly(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "ckpt")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "tokenizer.model" in err and "not a SentencePiece model" in err
+
+
+def test_damaged_checkpoint_index_fails_cleanly(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0
+    (tmp_path / "ckpt" / "params" / "leaves.json").write_text('["old", "format"]')
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "leaves.json: not a lomo-jax parameter index" in err
+    assert not (tmp_path / "out").exists()
