@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from convert.synthetic import random_hf_tensors, write_hf
+from convert.export import write_hf
+from convert.synthetic import random_hf_tensors
 from lomo_jax.config import LlamaConfig
 
 # The peak RSS of this process's own address space. (getrusage's ru_maxrss would carry over the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +13,52 @@ from convert.layout import hf_tensors
 from convert.sources import numpy_to_torch
 from lomo_jax import checkpoint
 from lomo_jax.atomic import atomic_directory
+from lomo_jax.config import LlamaConfig
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
 
 
-def _dtype_name(a: np.ndarray) -> str:
-    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[a.dtype.name]
+def write_hf(
+    out: Path,
+    cfg: LlamaConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    fmt: str = "safetensors",
+) -> Path:
+    """Weights and config.json of a Hugging Face directory; sharded with an index above
+    `max_shard_bytes`. Each shard is converted to torch and released before the next."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for name, a in tensors:
+        if max_shard_bytes and size + a.nbytes > max_shard_bytes and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, a))
+        size += a.nbytes
+    dtype = shards[0][0][1].dtype.name
+    n = len(shards)
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    weight_map, total = {}, 0
+    for k in range(n):
+        fname = f"{stem}.{ext}" if n == 1 else f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}"
+        shard = {name: numpy_to_torch(a) for name, a in shards[k]}
+        if fmt == "safetensors":
+            save_file(shard, out / fname, metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+        total += sum(a.nbytes for _, a in shards[k])
+        shards[k] = []  # release this shard's arrays and contiguous copies before the next
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    hf_cfg = dict(cfg.to_hf_dict(), torch_dtype=dtype)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return out
 
 
 def export_hf(
@@ -26,38 +67,10 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    from safetensors.torch import save_file
-
     cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
     params = checkpoint.tree_to_numpy(params)
-    dtype = _dtype_name(params["embed"]["embedding"])
     with atomic_directory(out, overwrite) as tmp:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, a in hf_tensors(cfg, params):
-            if size + a.nbytes > max_shard_bytes and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][name] = a
-            size += a.nbytes
-        n = len(shards)
-        weight_map, total = {}, 0
-        for k, shard in enumerate(shards):
-            fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            save_file(
-                {name: numpy_to_torch(a) for name, a in shard.items()},
-                tmp / fname,
-                metadata={"format": "pt"},
-            )
-            for name, a in shard.items():
-                weight_map[name] = fname
-                total += a.nbytes
-            shards[k] = {}  # release this shard's contiguous copies before the next
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        hf_cfg = dict(cfg.to_hf_dict(), torch_dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         _export_tokenizer(tok_files, tmp, cfg)

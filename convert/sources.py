@@ -137,8 +137,8 @@ def read_hf(d: Path) -> Source:
 
 # ---- Meta original (params.json + consolidated.NN.pth) --------------------------------------
 # Model-parallel split axis of each weight, in torch [out, in] layout; norms are replicated.
-_META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-_META_NAMES = {
+META_SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+META_TO_HF = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
@@ -202,7 +202,7 @@ def read_meta(d: Path) -> Source:
         )
 
     cfg = _config(params_path, make)
-    split = dict(_META_SPLIT, tok_embeddings=0 if llama3 else 1)
+    split = dict(META_SPLIT_AXIS, tok_embeddings=0 if llama3 else 1)
 
     def tensors():
         parts = [first] + [_torch_load(s) for s in shards[1:]]
@@ -237,14 +237,14 @@ def _meta_to_hf(name: str, a: np.ndarray, cfg: LlamaConfig) -> tuple[str, np.nda
     if name == "output.weight":
         return "lm_head.weight", a
     m = _META_LAYER.fullmatch(name)
-    if m is None or m.group(2) not in _META_NAMES:
+    if m is None or m.group(2) not in META_TO_HF:
         return name, a  # unknown: TreeBuilder reports it by name
     i, kind = m.groups()
     if kind == "attention.wq":
         a = meta_to_hf_rows(a, cfg.num_attention_heads)
     elif kind == "attention.wk":
         a = meta_to_hf_rows(a, cfg.num_key_value_heads)
-    return f"model.layers.{i}.{_META_NAMES[kind]}.weight", a
+    return f"model.layers.{i}.{META_TO_HF[kind]}.weight", a
 
 
 # ---- llama2.c (.bin, legacy header) ---------------------------------------------------------

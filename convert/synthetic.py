@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.layout import hf_to_meta_rows, slots
-from convert.sources import numpy_to_torch
+from convert.sources import META_SPLIT_AXIS, META_TO_HF, numpy_to_torch
 from lomo_jax.config import LlamaConfig
 
 
@@ -26,67 +26,9 @@ def random_hf_tensors(
         yield s.hf_name, a.astype(dtype)
 
 
-def write_hf(
-    out: Path,
-    cfg: LlamaConfig,
-    tensors: Iterator[tuple[str, np.ndarray]],
-    max_shard_bytes: int | None = None,
-    fmt: str = "safetensors",
-) -> Path:
-    """A Hugging Face directory; sharded with an index when `max_shard_bytes` is exceeded."""
-    import torch
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict] = [{}]
-    size = 0
-    for name, a in tensors:
-        if max_shard_bytes and size + a.nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = numpy_to_torch(a)
-        size += a.nbytes
-    n = len(shards)
-    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"{stem}.{ext}" if n == 1 else f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}"
-        if fmt == "safetensors":
-            save_file(shard, out / fname, metadata={"format": "pt"})
-        else:
-            torch.save(shard, out / fname)
-        weight_map.update(dict.fromkeys(shard, fname))
-    if n > 1:
-        index = {"metadata": {}, "weight_map": weight_map}
-        (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
-    dtype = next(iter(shards[0].values())).dtype
-    hf_cfg = dict(cfg.to_hf_dict(), torch_dtype=str(dtype).removeprefix("torch."))
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    return out
-
-
-_HF_TO_META = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_SPLIT = {
-    "wq": 0,
-    "wk": 0,
-    "wv": 0,
-    "w1": 0,
-    "w3": 0,
-    "output": 0,
-    "wo": 1,
-    "w2": 1,
-    "tok_embeddings": 1,
-}
+# Meta names and model-parallel split axes, inverted from the reader's tables (Llama 1/2 layout).
+_HF_TO_META = {hf: meta for meta, hf in META_TO_HF.items()}
+_SPLIT = dict(META_SPLIT_AXIS, tok_embeddings=1)
 
 
 def write_meta(

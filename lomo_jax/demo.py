@@ -54,7 +54,8 @@ def next_token_accuracy(cfg: LlamaConfig, params, rows: np.ndarray) -> float:
 
 def run_demo(out: str | Path) -> None:
     from convert import import_checkpoint
-    from convert.synthetic import random_hf_tensors, write_hf
+    from convert.export import write_hf
+    from convert.synthetic import random_hf_tensors
     from lomo_jax.memory import analyze
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.train import TrainConfig, train

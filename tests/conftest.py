@@ -12,7 +12,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOMO_JAX_CACHE", tempfile.mkdtemp(prefix="lomo_jax_cache_"))
 
-from convert.synthetic import random_hf_tensors, write_hf  # noqa: E402
+from convert.export import write_hf  # noqa: E402
+from convert.synthetic import random_hf_tensors  # noqa: E402
 from lomo_jax.config import LlamaConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from convert.synthetic import random_hf_tensors, write_hf, write_meta
+from convert.export import write_hf
+from convert.synthetic import random_hf_tensors, write_meta
 from lomo_jax.cli import main
 from tests.conftest import CONFIGS, make_hf_dir
 
