@@ -8,14 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from lomo_jax.data import FORMATS
+from lomo_jax.schedule import SCHEDULES
+from lomo_jax.train import DTYPES, OPTIMIZERS
+
 log = logging.getLogger("lomo_jax")
-FORMATS = (
-    "pretokenized",
-    "text",
-    "alpaca",
-    "superglue",
-    "template",
-)  # lomo_jax.data.FORMATS, without jax
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
@@ -112,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="SentencePiece .model or HF tokenizer directory")
     s.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         help="cast weights (default: keep the source dtype)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -158,9 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "format strings over the record fields (loss on the response)",
     )
     s.add_argument("--out", help="run directory; it ends up holding the trained model")
-    s.add_argument(
-        "--optimizer", choices=["lomo", "adalomo", "sgd", "adamw"], help="default adalomo"
-    )
+    s.add_argument("--optimizer", choices=OPTIMIZERS, help="default adalomo")
     s.add_argument("--lr", type=float)
     s.add_argument("--steps", type=int)
     s.add_argument("--batch-size", type=int)
@@ -168,11 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-decay", type=float)
     s.add_argument("--clip-grad-norm", type=float)
     s.add_argument("--clip-grad-value", type=float)
-    s.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    s.add_argument("--schedule", choices=SCHEDULES)
     s.add_argument("--warmup-steps", type=int)
     s.add_argument("--no-shuffle", action="store_true", help="step k uses rows k*B..k*B+B-1")
     s.add_argument("--seed", type=int)
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", choices=list(DTYPES))
     s.add_argument(
         "--gradient-accumulation-steps",
         type=int,

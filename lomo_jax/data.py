@@ -15,9 +15,10 @@ import logging
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
-from lomo_jax.engine import IGNORE
+from lomo_jax.engine import IGNORE, Batch
 from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")
@@ -50,6 +51,10 @@ class Rows:
 
     def take(self, idx: np.ndarray) -> Rows:
         return Rows(*(a[idx] for a in dataclasses.astuple(self)))
+
+    def batch(self) -> Batch:
+        """The rows as the engine's device batch (same field order)."""
+        return Batch(*(jnp.asarray(a) for a in dataclasses.astuple(self)))
 
 
 def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:
@@ -245,7 +250,7 @@ def build_rows(
                 log.info(
                     "%s: %d tokenized rows from the cache %s", path, len(z["input_ids"]), cached
                 )
-                return Rows(*(z[k] for k in ("input_ids", "labels", "segment_ids", "positions")))
+                return Rows(**{f.name: z[f.name] for f in dataclasses.fields(Rows)})
         rows = _build_rows(fmt, path, tok, seq_len, task, template)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")

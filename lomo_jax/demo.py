@@ -58,7 +58,7 @@ def run_demo(out: str | Path) -> None:
     from convert.synthetic import random_hf_tensors
     from lomo_jax.memory import analyze
     from lomo_jax.pretrained import from_pretrained
-    from lomo_jax.train import TrainConfig, train
+    from lomo_jax.train import TrainConfig, plot_losses, train
 
     out = Path(out)
     if out.exists():
@@ -74,7 +74,7 @@ def run_demo(out: str | Path) -> None:
     acc0 = next_token_accuracy(cfg, base.params, held_out)
     print(f"random {cfg.num_params / 1e6:.2f}M-parameter LLaMA: next-digit accuracy {acc0:.1%}")
 
-    results = {}
+    results, histories = {}, {}
     for optimizer, lr in (("adalomo", 1e-2), ("lomo", 3e-2)):
         run = out / optimizer
         history = train(
@@ -94,6 +94,7 @@ def run_demo(out: str | Path) -> None:
                 eval_every=50,
             )
         )
+        histories[optimizer] = history
         losses = [m["loss"] for m in history if "loss" in m]
         acc = next_token_accuracy(cfg, from_pretrained(run).params, held_out)
         results[optimizer] = (losses[0], losses[-1], acc)
@@ -112,34 +113,9 @@ def run_demo(out: str | Path) -> None:
             for r in rows
         )
         print(f"  {label:10s} batch {b} x {t}: {text}")
-    _plot_runs(out, {k: out / k / "metrics.jsonl" for k in results})
+    plot_losses(
+        out / "loss.png",
+        histories,
+        "lomo-jax demo: fine-tuning a small LLaMA on digit progressions",
+    )
     print(f"\nloss curves: {out / 'loss.png'}; models: {out / 'adalomo'}, {out / 'lomo'}")
-
-
-def _plot_runs(out: Path, metrics: dict[str, Path]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, path in metrics.items():
-        ms = [json.loads(line) for line in path.read_text().splitlines()]
-        ax.plot(
-            [m["step"] for m in ms if "loss" in m],
-            [m["loss"] for m in ms if "loss" in m],
-            lw=1,
-            label=f"{name} training",
-        )
-        ev = [m for m in ms if "eval_loss" in m]
-        ax.plot(
-            [m["step"] for m in ev], [m["eval_loss"] for m in ev], "o--", label=f"{name} validation"
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("lomo-jax demo: fine-tuning a small LLaMA on digit progressions")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)

@@ -25,10 +25,7 @@ def evaluate_loss(cfg: LlamaConfig, params, rows: Rows, batch_size: int = 8) -> 
     """Token-weighted mean loss over all rows, its perplexity, and the number of scored tokens."""
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        b = rows.take(slice(start, start + batch_size))
-        batch = Batch(
-            *(jnp.asarray(a) for a in (b.input_ids, b.labels, b.segment_ids, b.positions))
-        )
+        batch = rows.take(slice(start, start + batch_size)).batch()
         nll, count = _nll_and_count(cfg, params, batch)
         total, tokens = total + float(nll), tokens + int(count)
     loss = total / max(tokens, 1)

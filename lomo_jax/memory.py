@@ -16,7 +16,6 @@ import optax
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import (
     Batch,
-    checkpointed_loss,
     init_train_state,
     loss_fn,
     make_fused_step,
@@ -77,6 +76,3 @@ def analyze(
         "seq_len": seq_len,
         "dtype": jnp.dtype(dtype).name,
     }
-
-
-__all__ = ["METHODS", "analyze", "checkpointed_loss", "lower"]

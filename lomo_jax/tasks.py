@@ -109,10 +109,14 @@ TASKS: dict[str, tuple[Callable[[dict], Example], tuple[str, ...]]] = {
 }
 
 
-def examples_from_records(task: str, records: Sequence[dict], path) -> list[Example]:
+def _lookup(task: str) -> tuple[Callable[[dict], Example], tuple[str, ...]]:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    make, fields = TASKS[task]
+    return TASKS[task]
+
+
+def examples_from_records(task: str, records: Sequence[dict], path) -> list[Example]:
+    make, fields = _lookup(task)
     out = []
     for n, r in enumerate(records, 1):
         missing = [f for f in fields if f not in r]
@@ -128,8 +132,7 @@ def examples_from_records(task: str, records: Sequence[dict], path) -> list[Exam
 
 def read_examples(task: str, path: str | Path) -> list[Example]:
     """Examples of a task's jsonl file (one record per line, numbered from 1 in errors)."""
-    if task not in TASKS:
-        raise TaskError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    _lookup(task)  # an unknown task is reported before the file is read
     p = Path(path)
     if not p.is_file():
         raise TaskError(f"{p}: file not found")

@@ -218,12 +218,6 @@ def load_state(ckpt: Path, like: TrainState) -> TrainState:
 
 
 # ---- the run ----------------------------------------------------------------------------------
-def _to_batch(rows: Rows) -> Batch:
-    return Batch(
-        *(jnp.asarray(a) for a in (rows.input_ids, rows.labels, rows.segment_ids, rows.positions))
-    )
-
-
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
     if c.eval_data:
         eval_rows = build_rows(c.format, c.eval_data, tokenizer, c.seq_len, c.task, c.template)
@@ -248,25 +242,30 @@ def _prepare_out(c: TrainConfig, resume: bool) -> Path:
     return out
 
 
-def _write_plot(out: Path, history: list[dict]) -> None:
+def plot_losses(path: Path, runs: dict[str, list[dict]], title: str | None = None) -> None:
+    """Training and validation loss of one or more runs' metrics, in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(m["step"], m["loss"]) for m in history if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
-    if train:
-        ax.plot(*zip(*train), label="training loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
+    for name, history in runs.items():
+        prefix = f"{name} " if name else ""
+        train = [(m["step"], m["loss"]) for m in history if "loss" in m]
+        evals = [(m["step"], m["eval_loss"]) for m in history if "eval_loss" in m]
+        if train:
+            ax.plot(*zip(*train), label=f"{prefix}training loss", lw=1)
+        if evals:
+            ax.plot(*zip(*evals), "o--", label=f"{prefix}validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -371,7 +370,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
         for step in range(start, c.steps):
             b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
             t0 = time.perf_counter()
-            new_state, m = step_fn(state, _to_batch(b))
+            new_state, m = step_fn(state, b.batch())
             m = {k: float(v) for k, v in m.items()}  # waits for the step
             if not np.isfinite(m["loss"]) and c.dtype != "float16":
                 raise FloatingPointError(
@@ -413,6 +412,6 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     save_state(out, state, c.keep_checkpoints)  # the final step is always saved
     checkpoint.write_model(out, cfg, state.params, model.tokenizer.files if model.tokenizer else ())
     tb.close()
-    _write_plot(out, history)
+    plot_losses(out / "loss.png", {"": history})
     log.info("saved the model in %s (loss plot: %s)", out, out / "loss.png")
     return history
