@@ -1,40 +1,54 @@
 """Compile-time memory of one training step per method (nothing is allocated).
 
     python benchmarks/memory.py --model llama-7b --batch-size 8 --seq-len 512 --dtype float32 --json
+    python benchmarks/memory.py --model llama-65b --devices 8 --batch-size 1 --seq-len 1024 --json
 
 prints a JSON list of rows {method, param_bytes, peak_bytes, peak_over_params, ...} for
 inference (forward + loss), fused-lomo, fused-adalomo, sgd and adamw (jax.grad + optax with the
 same layer-boundary checkpointing). peak = arguments + outputs + temporaries - aliased.
+With --devices N the step is sharded over N host-platform CPU devices (mesh fsdp=N unless
+--mesh says otherwise) and every figure is per device: param_bytes is one device's share.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-import jax.numpy as jnp
-
-from lomo_jax.config import PRESETS, preset
-from lomo_jax.memory import METHODS, analyze
+import os
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama-7b", choices=list(PRESETS))
+    p.add_argument("--model", default="llama-7b")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--devices", type=int, default=1, help="plan the step sharded over N devices")
+    p.add_argument("--mesh", help="with --devices: e.g. data=2,fsdp=4 (default fsdp=N)")
+    p.add_argument("--methods", help="comma-separated (default: every method that applies)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
+    if a.devices > 1:  # JAX reads the device count once, when it starts
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
+
+    import jax.numpy as jnp
+
+    from lomo_jax.config import PRESETS, preset
+    from lomo_jax.memory import METHODS, SHARDED_METHODS, analyze
+    from lomo_jax.sharding import Layout, make_mesh
+
+    if a.model not in PRESETS:
+        p.error(f"--model: choose from {sorted(PRESETS)}")
     cfg = preset(a.model)
-    rows = [
-        analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype)) for m in a.methods.split(",")
-    ]
+    layout = Layout(make_mesh(a.mesh)) if a.devices > 1 else None
+    methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if layout else METHODS)
+    rows = [analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout) for m in methods]
     if a.json:
         print(json.dumps(rows))
         return
-    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}")
+    where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if layout else ""
+    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{where}")
     print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s}")
     for r in rows:
         print(

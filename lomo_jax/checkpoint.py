@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,11 @@ import orbax.checkpoint as ocp
 
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
+from lomo_jax.distributed import is_primary
+from lomo_jax.sharding import put
+
+# (leaf name, global shape) -> where the leaf's shards go
+ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -67,7 +72,8 @@ def write_params(path: Path, params: Any) -> None:
                 dest = path / (f"{name}@{i}" if pieces else name)
                 ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
             index.append({"name": name, "pieces": pieces})
-    (path / LEAVES_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    if is_primary():
+        (path / LEAVES_FILE).write_text(json.dumps(index, indent=1) + "\n")
 
 
 class CheckpointError(ValueError):
@@ -87,21 +93,25 @@ def _read_index(path: Path) -> list[dict]:
         raise CheckpointError(f"{f}: not a lomo-jax parameter index") from None
 
 
-def read_params(path: Path, sharding: Any = None) -> dict:
-    """Restores the tree; with `sharding` (a dict of shardings by leaf name, or one for all)
-    straight onto devices."""
+def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
+    """Restores the tree onto the first device, or with `sharding(leaf name, shape)` straight
+    into each device's shards (each process reads only what its devices hold)."""
     path = path.absolute()
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = sharding or (lambda name, shape: default)
     tree: dict = {}
     with _checkpointer() as ckptr:
 
-        def restore(item: Path, as_numpy: bool, s=None):
+        def restore(item: Path, name: str | None = None):
+            """A host array, or (given its leaf name) one laid out as `sharding` says."""
             meta = ckptr.metadata(item)
             m = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["value"]
             arg = (
                 ocp.RestoreArgs(restore_type=np.ndarray)
-                if as_numpy
-                else ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)
+                if name is None
+                else ocp.ArrayRestoreArgs(
+                    sharding=sharding(name, m.shape), global_shape=m.shape, dtype=m.dtype
+                )
             )
             return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))[
                 "value"
@@ -109,16 +119,15 @@ def read_params(path: Path, sharding: Any = None) -> dict:
 
         for entry in _read_index(path):
             name, pieces = entry["name"], entry["pieces"]
-            s = sharding.get(name, default) if isinstance(sharding, dict) else sharding or default
-            if pieces:  # fill one host array slice by slice, then hand it to the device
-                first = restore(path / f"{name}@0", True)
+            if pieces:  # fill one host array slice by slice, then hand out the shards
+                first = restore(path / f"{name}@0")
                 value = np.empty((pieces, *first.shape), first.dtype)
                 value[0] = first
                 for i in range(1, pieces):
-                    value[i] = restore(path / f"{name}@{i}", True)
-                value = jax.device_put(value, s)
+                    value[i] = restore(path / f"{name}@{i}")
+                value = put(value, sharding(name, value.shape))
             else:
-                value = restore(path / name, False, s)
+                value = restore(path / name, name)
             node = tree
             *parents, leaf = name.split(".")
             for k in parents:
@@ -128,8 +137,10 @@ def read_params(path: Path, sharding: Any = None) -> dict:
 
 
 def read_like(path: Path, like: Any) -> Any:
-    """Restores a tree written by `write_params` into the structure of `like` (any pytree)."""
-    flat = read_params(path)
+    """Restores a tree written by `write_params` into the structure and shardings of `like` (any
+    pytree of arrays), whatever mesh it was saved from."""
+    named = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    flat = read_params(path, lambda name, shape: named[name].sharding)
     leaves = []
     for leaf_path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
         node = flat
@@ -144,7 +155,7 @@ def write_model(
 ) -> None:
     """Writes config, tokenizer and params into an existing directory (a training run's output
     directory is also its final model). The params folder appears only once complete."""
-    for f in tokenizer_files:
+    for f in tokenizer_files if is_primary() else ():
         f = Path(f)
         # A SentencePiece model travels under the name Hugging Face looks for.
         dest = directory / ("tokenizer.model" if f.suffix == ".model" else f.name)
@@ -152,7 +163,8 @@ def write_model(
             shutil.copy(f, dest)
     with atomic_directory(directory / PARAMS_DIR, overwrite=True) as tmp:
         write_params(tmp, params)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    if is_primary():
+        (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
 
 
 def save_pretrained(
@@ -167,7 +179,9 @@ def save_pretrained(
     return Path(out)
 
 
-def load_pretrained(path: str | Path, sharding: Any = None) -> tuple[LlamaConfig, Any, list[Path]]:
+def load_pretrained(
+    path: str | Path, sharding: ShardingFn | None = None
+) -> tuple[LlamaConfig, Any, list[Path]]:
     p = Path(path)
     cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
     params = read_params(p / PARAMS_DIR, sharding)

@@ -45,7 +45,14 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
+    from lomo_jax.distributed import initialize
     from lomo_jax.train import CONFIG_FILE, TrainConfig, train
+
+    initialize(
+        getattr(a, "coordinator_address", None),
+        getattr(a, "num_processes", None),
+        getattr(a, "process_id", None),
+    )
 
     given = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     if "no_shuffle" in vars(a):
@@ -179,6 +186,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=int, help="checkpoint every N steps (the last always)")
     s.add_argument("--keep-checkpoints", type=int, help="keep the last K (default 2)")
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.add_argument(
+        "--mesh",
+        help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (axes data, fsdp, tensor; "
+        "default: every visible device on fsdp)",
+    )
+    g = s.add_argument_group(
+        "several processes (hosts)",
+        "start one process per host with the same command; jax.distributed joins them. "
+        "Each flag defaults to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID",
+    )
+    g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="loss / perplexity, or SuperGLUE multiple-choice accuracy")

@@ -15,7 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from lomo_jax.engine import IGNORE, Batch
@@ -53,8 +52,8 @@ class Rows:
         return Rows(*(a[idx] for a in dataclasses.astuple(self)))
 
     def batch(self) -> Batch:
-        """The rows as the engine's device batch (same field order)."""
-        return Batch(*(jnp.asarray(a) for a in dataclasses.astuple(self)))
+        """The rows as the engine's batch (same field order), still in host memory."""
+        return Batch(*dataclasses.astuple(self))
 
 
 def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:

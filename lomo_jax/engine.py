@@ -50,6 +50,7 @@ from lomo_jax.optim import (
     map_rule,
 )
 from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout
 
 IGNORE = -100
 
@@ -69,10 +70,26 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(
-    rule: UpdateRule, params: Any, float16: bool = False, loss_scale: DynamicLossScale | None = None
+    rule: UpdateRule,
+    params: Any,
+    float16: bool = False,
+    loss_scale: DynamicLossScale | None = None,
+    layout: Layout | None = None,
 ) -> TrainState:
-    scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
-    return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
+    """The step-0 state; with a `layout`, built in place on the mesh (`params` is donated: the
+    sharded optimizer state is created shard by shard, never whole on one device)."""
+
+    def build(params):
+        scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
+        return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
+
+    if layout is None:
+        return build(params)
+    shardings = jax.tree.map(lambda _: layout.replicated(), jax.eval_shape(build, params))
+    shardings = shardings._replace(
+        params=layout.params(params), opt_state=layout.opt_state(rule, params)
+    )
+    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
 
 
 def _next_token_targets(labels_BT: jax.Array) -> jax.Array:
@@ -163,13 +180,21 @@ def _depends_on(tree, *deps):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
-def _layer_backward(cfg: LlamaConfig, p_i, h_i, dh, positions, mask):
-    """Recomputes layer i from its saved input and returns (its gradients, dh below it)."""
+def _layer_backward(cfg: LlamaConfig, p_i, h_i, dh, positions, mask, layout=None):
+    """Recomputes layer i from its saved input and returns (its gradients, dh below it).
+
+    Sharded, each gradient is constrained to its weight's shards, so XLA reduce-scatters it
+    and the update touches only the device's slice."""
     _, vjp = jax.vjp(lambda p, h: decoder_layer(cfg, p, h, positions, mask), p_i, h_i)
-    return vjp(dh)
+    g, dh = vjp(dh)
+    if layout is not None:
+        g = jax.lax.with_sharding_constraint(g, layout.layer(p_i))
+    return g, dh
 
 
-def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only):
+def _fused_backward(
+    cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only, layout=None
+):
     """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
     touch nothing; otherwise update every tensor as its gradient appears."""
     positions, mask = _inputs(batch)
@@ -185,7 +210,7 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
         def measure(carry, x):
             dh, acc, ok = carry
             p_i, h_i = x
-            g, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask)
+            g, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask, layout)
             return (dh, acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)), None
 
         init = (dh_L, global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head))
@@ -202,7 +227,7 @@ def _fused_backward(cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, m
         h_i, i = x
         p_i = jax.tree.map(lambda a: a[i], p_layers)
         s_i = jax.tree.map(lambda a: a[i], s_layers)
-        g_i, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask)
+        g_i, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask, layout)
         g_i = _depends_on(g_i, dh)  # dh reads every weight of the layer: reads before writes
         p_i, s_i = map_rule(rule, p_i, g_i, s_i, sc)
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
@@ -228,8 +253,11 @@ def fused_step(
     state: TrainState,
     batch: Batch,
     loss_scale: DynamicLossScale | None = None,
+    layout: Layout | None = None,
 ):
-    """One fused training step -> (new state, metrics). Jit it with the state donated."""
+    """One fused training step -> (new state, metrics). Jit it with the state donated.
+
+    With a `layout` the state is sharded across its mesh (see lomo_jax.sharding)."""
     params = state.params
     positions, mask = _inputs(batch)
 
@@ -253,13 +281,13 @@ def fused_step(
     finite = jnp.bool_(True)
     if rule.clip_grad_norm is not None or loss_scale is not None:
         sumsq, finite = _fused_backward(
-            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, measure_only=True
+            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, True, layout
         )
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
     new_params, new_state = _fused_backward(
-        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, measure_only=False
+        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, False, layout
     )
     scale = state.scale
     if loss_scale is not None:
@@ -269,6 +297,9 @@ def fused_step(
         new_state = jax.tree.map(keep, new_state, state.opt_state)
         scale = loss_scale.update(scale, ~finite)
         metrics["overflow"] = ~finite
+    if layout is not None:  # the next step (and the donation) expects the same layout
+        new_params = jax.lax.with_sharding_constraint(new_params, layout.params(params))
+        new_state = jax.lax.with_sharding_constraint(new_state, layout.opt_state(rule, params))
     return TrainState(new_params, new_state, state.step + 1, scale), metrics
 
 
@@ -277,11 +308,11 @@ def make_fused_step(
     rule: UpdateRule,
     schedule: Schedule,
     loss_scale: DynamicLossScale | None = None,
+    layout: Layout | None = None,
 ):
     """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
-    return jax.jit(
-        functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale), donate_argnums=0
-    )
+    step = functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale, layout=layout)
+    return jax.jit(step, donate_argnums=0)
 
 
 # ---- the standard, unfused path, for comparison ---------------------------------------------

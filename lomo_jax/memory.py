@@ -7,6 +7,7 @@ peak = arguments + outputs + temporaries - aliased (donated buffers reused as ou
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -25,18 +26,45 @@ from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.model import param_shapes
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout
 
 METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
+SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
 
 
 def _bytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    """Bytes one device holds of `tree` (all of it, unsharded)."""
+
+    def one(x):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        return math.prod(shape) * x.dtype.itemsize
+
+    return sum(one(x) for x in jax.tree.leaves(tree))
 
 
-def lower(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jnp.float32):
-    """The jitted step for `method`, lowered on abstract inputs (nothing is allocated)."""
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def lower(
+    cfg: LlamaConfig,
+    method: str,
+    batch_size: int,
+    seq_len: int,
+    dtype=jnp.float32,
+    layout: Layout | None = None,
+):
+    """The jitted step for `method`, lowered on abstract inputs (nothing is allocated); with a
+    `layout`, sharded over its mesh (SHARDED_METHODS only)."""
     params = param_shapes(cfg, dtype)
     ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    if layout is not None:
+        if method not in SHARDED_METHODS:
+            raise ValueError(f"{method}: sharded plans exist for {SHARDED_METHODS}")
+        params = _abstract(params, layout.params(params))
+        ids = _abstract(ids, layout.batch(ids.shape))
     batch = Batch(ids, ids)
     if method == "inference":
         return jax.jit(functools.partial(loss_fn, cfg)).lower(params, batch), params
@@ -44,7 +72,12 @@ def lower(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jn
         rule = Lomo() if method == "fused-lomo" else AdaLomo()
         float16 = jnp.dtype(dtype) == jnp.float16
         state = jax.eval_shape(lambda p: init_train_state(rule, p, float16), params)
-        step = make_fused_step(cfg, rule, Schedule(1e-3), DynamicLossScale() if float16 else None)
+        if layout is not None:
+            state = state._replace(
+                opt_state=_abstract(state.opt_state, layout.opt_state(rule, params))
+            )
+        scaler = DynamicLossScale() if float16 else None
+        step = make_fused_step(cfg, rule, Schedule(1e-3), scaler, layout)
         return step.lower(state, batch), params
     tx = {"sgd": optax.sgd(1e-3), "adamw": optax.adamw(1e-3)}[method]
     opt_state = jax.eval_shape(tx.init, params)
@@ -52,9 +85,15 @@ def lower(cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jn
 
 
 def analyze(
-    cfg: LlamaConfig, method: str, batch_size: int, seq_len: int, dtype=jnp.float32
+    cfg: LlamaConfig,
+    method: str,
+    batch_size: int,
+    seq_len: int,
+    dtype=jnp.float32,
+    layout: Layout | None = None,
 ) -> dict:
-    lowered, params = lower(cfg, method, batch_size, seq_len, dtype)
+    """Per-device figures: with a layout, param_bytes is one device's share."""
+    lowered, params = lower(cfg, method, batch_size, seq_len, dtype, layout)
     m = lowered.compile().memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -75,4 +114,5 @@ def analyze(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": jnp.dtype(dtype).name,
+        "devices": layout.mesh.size if layout else 1,
     }

@@ -35,6 +35,10 @@ class UpdateRule(Protocol):
 
     def init(self, p: jax.Array) -> State: ...
 
+    def state_axes(self, axes: tuple[str, ...]) -> State:
+        """The state of a parameter with logical `axes`, holding the axes of each state leaf."""
+        ...
+
     def update(
         self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars
     ) -> tuple[jax.Array, State]: ...
@@ -61,6 +65,9 @@ class Lomo:
     clip_grad_value: float | None = None
 
     def init(self, p: jax.Array) -> State:
+        return {}
+
+    def state_axes(self, axes):
         return {}
 
     def update(self, p, g, s, sc):
@@ -91,6 +98,11 @@ class AdaLomo:
                 "col": jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32),
             }
         return {"v": jnp.zeros(p.shape, jnp.float32)}
+
+    def state_axes(self, axes):
+        if len(axes) >= 2:
+            return {"row": axes[:-1], "col": axes[:-2] + axes[-1:]}
+        return {"v": axes}
 
     def update(self, p, g, s, sc):
         if p.ndim > 2:  # a stack of matrices: each keeps its own factors, RMS and step size

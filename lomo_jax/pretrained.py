@@ -14,6 +14,7 @@ from lomo_jax import checkpoint
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import generate
 from lomo_jax.model import forward
+from lomo_jax.sharding import Layout, put
 from lomo_jax.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -75,19 +76,25 @@ def _tokenizer_from(files: list[Path]) -> Tokenizer | None:
 
 
 def from_pretrained(
-    path: str | Path, tokenizer: str | Path | None = None, dtype: Any = None
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: Any = None,
+    layout: Layout | None = None,
 ) -> LlamaModel:
     """Loads a lomo-jax checkpoint, a Hugging Face directory, a Meta original directory or a
-    llama2.c `.bin`; weights from other formats are converted in memory."""
+    llama2.c `.bin`; weights from other formats are converted in memory.
+
+    With a `layout` each device receives only its shards: a checkpoint is read shard by shard,
+    a converted model goes from host memory straight into the shards."""
     if checkpoint.is_checkpoint(path):
-        cfg, params, files = checkpoint.load_pretrained(path)
+        cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
+        if dtype is not None:
+            params = jax.tree.map(lambda x: x.astype(dtype), params)  # keeps the sharding
     else:
         from convert import load
 
-        cfg, params, files = load(path, tokenizer)
+        cfg, params, files = load(path, tokenizer, dtype)
+        params = put(params, layout.params(params)) if layout else jax.tree.map(jnp.asarray, params)
     if tokenizer is not None:
         files = [Path(tokenizer)]
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-    params = jax.tree.map(jnp.asarray, params)
     return LlamaModel(cfg, params, _tokenizer_from(files))

@@ -30,6 +30,7 @@ import yaml
 from lomo_jax import checkpoint
 from lomo_jax.atomic import OutputExistsError, atomic_directory
 from lomo_jax.data import Rows, build_rows, check_tokenizer, check_vocab
+from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.engine import (
     Batch,
     TrainState,
@@ -41,6 +42,7 @@ from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout, MeshError, make_mesh, put
 
 log = logging.getLogger("lomo_jax")
 
@@ -82,6 +84,7 @@ class TrainConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
+    mesh: str | None = None  # e.g. "fsdp=8", "data=2,fsdp=4"; default: every device on fsdp
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -130,7 +133,7 @@ def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: 
 
 def peak_memory_bytes() -> int:
     """Peak device memory where the backend reports it, else this process's peak RSS."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
     with open("/proc/self/status") as f:
@@ -152,7 +155,7 @@ def _optax_tx(c: TrainConfig, schedule: Schedule) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def _make_step(c: TrainConfig, cfg, params):
+def _make_step(c: TrainConfig, cfg, params, layout: Layout):
     """(initial TrainState, step function (state, batch) -> (state, metrics)) for any optimizer."""
     schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
     if c.optimizer in ("lomo", "adalomo"):
@@ -164,8 +167,8 @@ def _make_step(c: TrainConfig, cfg, params):
         )
         scaler = DynamicLossScale() if c.dtype == "float16" else None
         return (
-            init_train_state(rule, params, scaler is not None, scaler),
-            make_fused_step(cfg, rule, schedule, scaler),
+            init_train_state(rule, params, scaler is not None, scaler, layout),
+            make_fused_step(cfg, rule, schedule, scaler, layout),
         )
     tx = _optax_tx(c, schedule)
     optax_step = make_optax_step(cfg, tx)
@@ -175,7 +178,20 @@ def _make_step(c: TrainConfig, cfg, params):
         metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(params, opt_state, state.step + 1, state.scale), metrics
 
-    return TrainState(params, tx.init(params), jnp.int32(0), no_scaling()), step
+    state = TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
+    return _on_mesh(state, layout), step
+
+
+def _on_mesh(tree: Any, layout: Layout) -> Any:
+    """Leaves not yet laid out on the mesh (step counters, scalars) become replicated there."""
+
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == layout.mesh:
+            return x
+        return put(np.asarray(x), layout.replicated())
+
+    return jax.tree.map(one, tree)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -195,26 +211,29 @@ def save_state(out: Path, state: TrainState, keep: int) -> Path:
             "loss_scale": float(state.scale.scale),
             "clean_steps": int(state.scale.clean_steps),
         }
-        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        if is_primary():
+            (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+    for old in _checkpoints(out)[:-keep] if keep > 0 and is_primary() else []:
         shutil.rmtree(old, ignore_errors=True)
     log.info("saved checkpoint %s", dest)
     return dest
 
 
-def load_state(ckpt: Path, like: TrainState) -> TrainState:
+def load_state(ckpt: Path, like: TrainState, layout: Layout) -> TrainState:
+    """The checkpoint's state in the layout of `like` (the mesh may differ from the saving one)."""
     meta = json.loads((ckpt / "state.json").read_text())
     opt_state = (
         checkpoint.read_like(ckpt / "opt_state", like.opt_state)
         if jax.tree.leaves(like.opt_state)
         else like.opt_state
     )
-    return TrainState(
+    state = TrainState(
         checkpoint.read_like(ckpt / "params", like.params),
         opt_state,
-        jnp.int32(meta["step"]),
-        ScaleState(jnp.float32(meta["loss_scale"]), jnp.int32(meta["clean_steps"])),
+        np.int32(meta["step"]),
+        ScaleState(np.float32(meta["loss_scale"]), np.int32(meta["clean_steps"])),
     )
+    return _on_mesh(state, layout)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -238,6 +257,7 @@ def _prepare_out(c: TrainConfig, resume: bool) -> Path:
         return out
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out}: already exists (pass --resume {out} to continue it)")
+    barrier("checked the output directory")  # before any process creates it
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -326,32 +346,43 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
 
     from lomo_jax.pretrained import from_pretrained
 
-    model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype])
+    try:
+        layout = Layout(make_mesh(c.mesh))
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    log.info("mesh %s over %d process(es)", dict(layout.mesh.shape), jax.process_count())
+    model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype], layout=layout)
     cfg = model.config
     check_tokenizer(model.tokenizer, cfg.vocab_size)
     rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task, c.template)
     check_vocab(rows, cfg.vocab_size, c.data)
     rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
     out = _prepare_out(c, resume)  # only after every input has been checked
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(c), sort_keys=False))
+    primary = is_primary()  # the one process that writes the run's files
+    if primary:
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(c), sort_keys=False))
 
-    state, step_fn = _make_step(c, cfg, model.params)
+    state, step_fn = _make_step(c, cfg, model.params, layout)
     history: list[dict] = []
     metrics_file = out / "metrics.jsonl"
     if resume and _checkpoints(out):
         ckpt = _checkpoints(out)[-1]
-        state = load_state(ckpt, state)
+        state = load_state(ckpt, state, layout)
         log.info("resuming from %s", ckpt)
     start = int(state.step)
     if metrics_file.exists():  # keep the curve up to the checkpoint, drop what followed it
         history = [
             m for m in map(json.loads, metrics_file.read_text().splitlines()) if m["step"] <= start
         ]
-    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
-    tb = SummaryWriter(str(out / "tensorboard"))
+    barrier("read the metrics")
+    if primary:
+        metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
+    tb = SummaryWriter(str(out / "tensorboard")) if primary else None
 
     def record(m: dict) -> None:
         history.append(m)
+        if not primary:
+            return
         with open(metrics_file, "a") as f:
             f.write(json.dumps(m) + "\n")
         for k, v in m.items():
@@ -359,7 +390,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 tb.add_scalar(k, v, m["step"])
 
     def evaluate(step: int) -> None:
-        r = evaluate_loss(cfg, state.params, eval_rows, c.batch_size)
+        r = evaluate_loss(cfg, state.params, eval_rows, c.batch_size, layout)
         log.info("step %d  validation loss %.4f  perplexity %.3f", step, r["loss"], r["perplexity"])
         record({"step": step, "eval_loss": r["loss"], "eval_perplexity": r["perplexity"]})
 
@@ -370,7 +401,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
         for step in range(start, c.steps):
             b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
             t0 = time.perf_counter()
-            new_state, m = step_fn(state, b.batch())
+            new_state, m = step_fn(state, layout.put_batch(b.batch()))
             m = {k: float(v) for k, v in m.items()}  # waits for the step
             if not np.isfinite(m["loss"]) and c.dtype != "float16":
                 raise FloatingPointError(
@@ -403,7 +434,8 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                     bar.close()
                 log.info("interrupted: saving a checkpoint at step %d", int(state.step))
                 save_state(out, state, c.keep_checkpoints)
-                tb.close()
+                if tb:
+                    tb.close()
                 raise KeyboardInterrupt
     if bar:
         bar.close()
@@ -411,7 +443,8 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
         evaluate(c.steps)
     save_state(out, state, c.keep_checkpoints)  # the final step is always saved
     checkpoint.write_model(out, cfg, state.params, model.tokenizer.files if model.tokenizer else ())
-    tb.close()
-    plot_losses(out / "loss.png", {"": history})
+    if primary:
+        tb.close()
+        plot_losses(out / "loss.png", {"": history})
     log.info("saved the model in %s (loss plot: %s)", out, out / "loss.png")
     return history

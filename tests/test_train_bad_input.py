@@ -36,6 +36,14 @@ CASES = {
         ["--data", "{tmp}/text.json", "--format", "superglue", "--task", "copa"],
         "missing field 'premise' for task copa",
     ),
+    "mesh too big": (
+        ["--data", "{tmp}/text.json", "--format", "text", "--mesh", "fsdp=16"],
+        "--mesh 'fsdp=16' needs 16 devices, 1 are visible",
+    ),
+    "mesh typo": (
+        ["--data", "{tmp}/text.json", "--format", "text", "--mesh", "fdsp=2"],
+        "--mesh 'fdsp=2': expected comma-separated axis=size",
+    ),
     "tokenizer too big": (
         ["--data", "{tmp}/text.json", "--format", "text", "--tokenizer", "{tok}"],
         "512 tokens do not fit the model's vocab_size 96",

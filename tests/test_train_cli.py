@@ -3,7 +3,6 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -13,6 +12,7 @@ from lomo_jax.cli import main
 from lomo_jax.engine import Batch, init_train_state, make_fused_step
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout, make_mesh
 from tests.conftest import CONFIGS, make_hf_dir, random_ids
 
 CFG = CONFIGS["gqa"]
@@ -59,12 +59,15 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step 3/3" in err and "tok/s" in err and "peak mem" in err
 
+    # The CLI lays the state out on a mesh of every visible device (here one): so does this.
+    layout = Layout(make_mesh())
     rule = AdaLomo(weight_decay=0.1, clip_grad_norm=1.0)
-    step = make_fused_step(CFG, rule, Schedule(0.01, "linear", 1, 3))
-    state = init_train_state(rule, lomo_jax.from_pretrained(src).params)
+    step = make_fused_step(CFG, rule, Schedule(0.01, "linear", 1, 3), layout=layout)
+    params = lomo_jax.from_pretrained(src, layout=layout).params
+    state = init_train_state(rule, params, layout=layout)
     for k in range(3):
-        ids = jnp.asarray(rows[2 * k : 2 * k + 2])
-        state, _ = step(state, Batch(ids, ids))
+        ids = rows[2 * k : 2 * k + 2]
+        state, _ = step(state, layout.put_batch(Batch(ids, ids)))
     trained = lomo_jax.from_pretrained(tmp_path / "ckpt").params
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,42 @@
+"""Several processes (hosts) as one JAX program: `jax.distributed`, and the little the file
+system needs from it -- one writer, and everyone waiting at the same points."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Starts `jax.distributed` when a coordinator is named (argument or JAX_COORDINATOR_ADDRESS,
+    with JAX_NUM_PROCESSES and JAX_PROCESS_ID); returns whether it did. Call before any other
+    JAX work. On CPU the cross-process collectives are gloo's."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if coordinator_address is None:
+        return False
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
+def is_primary() -> bool:
+    """The process that writes files everyone shares (configs, indexes, logs)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,189 @@
+"""Device meshes and the one table that maps logical parameter axes to mesh axes.
+
+A mesh has up to three named axes: `data` (batch only), `fsdp` (batch, and every parameter's
+`embed` axis: ZeRO-3 style, each device keeps 1/fsdp of each weight and XLA gathers one layer at
+a time inside the scan) and `tensor` (heads / MLP / vocabulary axes, Megatron style). A
+dimension that a mesh axis does not divide stays whole (replicated) on that axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes it may be split over, in order of preference.
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor", "fsdp"),
+    "norm": (),
+    "layers": (),
+}
+
+# Logical axes of each parameter, by the last components of its name (per layer: the stacked
+# leaves under `layers` get a leading "layers" axis).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embedding": ("vocab", "embed"),
+    "lm_head.kernel": ("embed", "vocab"),
+    "q_proj.kernel": ("embed", "heads"),
+    "k_proj.kernel": ("embed", "kv_heads"),
+    "v_proj.kernel": ("embed", "kv_heads"),
+    "o_proj.kernel": ("heads", "embed"),
+    "gate_proj.kernel": ("embed", "mlp"),
+    "up_proj.kernel": ("embed", "mlp"),
+    "down_proj.kernel": ("mlp", "embed"),
+    "q_proj.bias": ("heads",),
+    "k_proj.bias": ("kv_heads",),
+    "v_proj.bias": ("kv_heads",),
+    "o_proj.bias": ("norm",),
+    "gate_proj.bias": ("mlp",),
+    "up_proj.bias": ("mlp",),
+    "down_proj.bias": ("norm",),
+    "weight": ("norm",),  # RMSNorm scales
+}
+
+
+class MeshError(ValueError):
+    pass
+
+
+def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
+    """'data=2,fsdp=4' -> axis sizes. Unnamed axes are 1, except fsdp, which takes every device
+    the others leave (so no spec = all devices on fsdp)."""
+    sizes: dict[str, int] = {}
+    for part in (spec or "").replace(" ", "").split(","):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+            raise MeshError(
+                f"--mesh {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}"
+            )
+        sizes[name] = int(value)
+    others = sizes.get("data", 1) * sizes.get("tensor", 1)
+    sizes.setdefault("fsdp", max(1, n_devices // others))
+    sizes = {a: sizes.get(a, 1) for a in MESH_AXES}
+    if math.prod(sizes.values()) > n_devices:
+        raise MeshError(
+            f"--mesh {spec!r} needs {math.prod(sizes.values())} devices, {n_devices} are visible"
+        )
+    return sizes
+
+
+def make_mesh(spec: str | None = None, devices: list | None = None) -> Mesh:
+    """A mesh over the first devices (all of them when the spec leaves fsdp open)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    n = math.prod(sizes.values())
+    return Mesh(np.array(devices[:n]).reshape(tuple(sizes.values())), MESH_AXES)
+
+
+def _leaf_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of a parameter from its dotted name (e.g. layers.mlp.up_proj.kernel)."""
+    parts = name.split(".")
+    axes = PARAM_AXES.get(".".join(parts[-2:]), PARAM_AXES.get(parts[-1]))
+    if axes is None:
+        raise KeyError(f"no sharding rule for parameter {name!r}")
+    return ("layers", *axes) if parts[0] == "layers" else axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every array of a training step lives on `mesh`."""
+
+    mesh: Mesh
+
+    def spec(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec:
+        """The partition spec for logical `axes`: each dimension takes the mesh axes its rule
+        names that divide it and that no earlier dimension took."""
+        used: set[str] = set()
+        out = []
+        for logical, size in zip(axes, shape):
+            chosen: list[str] = []
+            for axis in RULES[logical]:
+                n = math.prod(self.mesh.shape[a] for a in (*chosen, axis))
+                if axis not in used and self.mesh.shape[axis] > 1 and size % n == 0:
+                    chosen.append(axis)
+            used.update(chosen)
+            out.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+        return PartitionSpec(*out)
+
+    def sharding(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+    def param(self, name: str, shape: tuple[int, ...]) -> NamedSharding:
+        """The sharding of the parameter called `name` (dotted, e.g. layers.mlp.up_proj.kernel)."""
+        return self.sharding(param_axes(name), shape)
+
+    def params(self, params: Any) -> Any:
+        """A tree of shardings matching `params` (arrays or shapes)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: self.param(_leaf_name(path), x.shape), params
+        )
+
+    def layer(self, p_layer: Any) -> Any:
+        """Shardings of one layer's slice of the stacked weights (no layer axis)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: self.sharding(param_axes("layers." + _leaf_name(path))[1:], x.shape),
+            p_layer,
+        )
+
+    def opt_state(self, rule: Any, params: Any) -> Any:
+        """Shardings for `optim.init_state(rule, params)`: each state leaf follows the axes of
+        its parameter that it keeps (AdaLomo's row factor drops the last, col the one before)."""
+
+        def per_param(path, x):
+            name = _leaf_name(path)
+            axes = param_axes(name)
+            stacked = name.startswith("layers.")
+            shape = x.shape[1:] if stacked else x.shape
+            state_axes = rule.state_axes(axes[1:] if stacked else axes)
+            state_shape = jax.eval_shape(rule.init, jax.ShapeDtypeStruct(shape, x.dtype))
+            return jax.tree.map(
+                lambda ax, s: self.sharding(
+                    ("layers", *ax) if stacked else ax,
+                    (x.shape[0], *s.shape) if stacked else s.shape,
+                ),
+                state_axes,
+                state_shape,
+                is_leaf=lambda a: isinstance(a, tuple),
+            )
+
+        return jax.tree_util.tree_map_with_path(per_param, params)
+
+    def batch(self, shape: tuple[int, ...]) -> NamedSharding:
+        """[B, T, ...]: the batch over data and fsdp where they divide it."""
+        return self.sharding(("batch", "length", *["norm"] * (len(shape) - 2)), shape)
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def put_batch(self, batch: Any) -> Any:
+        """A tuple of host [B, T, ...] arrays (None kept) as global arrays split over the batch."""
+        return type(batch)(*(None if a is None else put(a, self.batch(a.shape)) for a in batch))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global arrays: each device receives only its own slice, and each process
+    only builds its own devices' slices (works across hosts, unlike a plain device_put)."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)

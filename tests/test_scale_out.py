@@ -1,0 +1,171 @@
+"""Scale-out: the sharded fused step on 8 host-platform CPU devices and across 2 processes gives
+the weights of one device; checkpoints move between meshes. Multi-device runs happen in
+subprocesses (the device count is fixed when JAX starts)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+import lomo_jax
+from lomo_jax.cli import main
+from lomo_jax.sharding import Layout, MeshError, param_axes, parse_mesh
+from tests.conftest import CONFIGS, make_hf_dir, random_ids
+
+CFG = CONFIGS["gqa"]  # hidden 64, 4 heads (2 kv), intermediate 192: all divisible by 8
+OPTIMIZERS = {
+    "lomo": ["--optimizer", "lomo", "--lr", "0.05", "--clip-grad-norm", "0.5"],
+    "adalomo": ["--optimizer", "adalomo", "--lr", "0.01", "--weight-decay", "0.01"],
+}
+MESHES = ("fsdp=1", "fsdp=8", "data=2,fsdp=4")
+TIMEOUT = 600  # a process whose peer died waits for the coordinator's barrier timeout
+
+
+def test_mesh_spec():
+    assert parse_mesh(None, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert parse_mesh("data=2", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse_mesh("fsdp=2", 8) == {"data": 1, "fsdp": 2, "tensor": 1}  # the first 2
+    for bad in ("fsdp=16", "fsdp=0", "pipeline=2", "fsdp"):
+        with pytest.raises(MeshError):
+            parse_mesh(bad, 8)
+
+
+def test_partitioning_rules():
+    lay = Layout(AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor")))
+    P = PartitionSpec
+
+    def spec(name, shape):
+        return lay.spec(param_axes(name), shape)
+
+    # The embed axis goes to fsdp; heads / mlp / vocab to tensor, and to fsdp when the embed
+    # axis comes second (so every matrix is split along its first axis, which XLA gathers
+    # without relayout).
+    assert spec("layers.self_attn.q_proj.kernel", (3, 64, 64)) == P(None, "fsdp", "tensor")
+    assert spec("layers.self_attn.o_proj.kernel", (3, 64, 64)) == P(None, ("tensor", "fsdp"), None)
+    assert spec("layers.mlp.down_proj.kernel", (3, 192, 64)) == P(None, ("tensor", "fsdp"), None)
+    assert spec("embed.embedding", (96, 64)) == P("tensor", "fsdp")
+    assert spec("layers.input_layernorm.weight", (3, 64)) == P(None, None)
+    # A dimension a mesh axis does not divide stays whole; the axis may serve another one.
+    assert spec("layers.self_attn.q_proj.kernel", (3, 63, 64)) == P(None, None, ("tensor", "fsdp"))
+    assert lay.spec(("batch", "length"), (8, 16)) == P(("data", "fsdp"), None)
+    assert lay.spec(("batch", "length"), (2, 16)) == P("data", None)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        param_axes("layers.mystery.kernel")
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _train_args(src, data, out, optimizer: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(src),
+        "--data",
+        str(data),
+        *OPTIMIZERS[optimizer],
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--out",
+        str(out),
+    ]
+
+
+def _weights(path) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(lomo_jax.from_pretrained(path).params)]
+
+
+def _assert_close(a_dir, b_dir, rtol=1e-5):
+    for a, b in zip(_weights(a_dir), _weights(b_dir), strict=True):
+        assert np.max(np.abs(a - b)) <= rtol * np.max(np.abs(a)), (a_dir, b_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every optimizer on every mesh, in one process that sees 8 CPU devices."""
+    tmp = tmp_path_factory.mktemp("scale_out")
+    src = make_hf_dir(tmp / "hf", CFG)
+    data = tmp / "data.jsonl"
+    rows = random_ids(CFG, 32, 16, seed=3)
+    data.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows))
+    jobs = {
+        (opt, mesh): _train_args(src, data, tmp / f"{opt}-{mesh}", opt) + ["--mesh", mesh]
+        for opt in OPTIMIZERS
+        for mesh in MESHES
+    }
+    script = "import json, sys\nfrom lomo_jax.cli import main\n" + "".join(
+        f"assert main({args!r}) == 0\n" for args in jobs.values()
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], env=_env(8), check=True, timeout=TIMEOUT, cwd=os.getcwd()
+    )
+    return tmp, src, data
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4"])
+def test_sharded_training_equals_one_device(runs, optimizer, mesh):
+    tmp, _, _ = runs
+    _assert_close(tmp / f"{optimizer}-fsdp=1", tmp / f"{optimizer}-{mesh}")
+    # ...and it trained: every tensor moved.
+    moved = zip(_weights(tmp / "hf"), _weights(tmp / f"{optimizer}-{mesh}"))
+    assert all(np.any(a != b) for a, b in moved)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_and_checkpoints_change_mesh(runs, tmp_path):
+    tmp, src, data = runs
+    out = tmp_path / "two"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lomo_jax.cli"]
+            + _train_args(src, data, out, "adalomo")
+            + [
+                "--save-every",
+                "2",
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "over 2 process(es)" in logs[0]
+    _assert_close(tmp / "adalomo-fsdp=8", out)
+
+    # The 2-process checkpoint of step 2 (saved from an 8-device mesh across two hosts) resumes
+    # here, in one process on one device, and reaches the same weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    assert main(["train", "--resume", str(resumed), "--mesh", "fsdp=1"]) == 0
+    _assert_close(out, resumed)
