@@ -3,6 +3,7 @@ orbax under `params/`, and the tokenizer files copied beside them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable, Iterable
@@ -10,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import is_primary
-from lomo_jax.sharding import put
 
 # (leaf name, global shape) -> where the leaf's shards go
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
@@ -93,41 +94,52 @@ def _read_index(path: Path) -> list[dict]:
         raise CheckpointError(f"{f}: not a lomo-jax parameter index") from None
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: jax.Array, i) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
+
+
+def _layer_sharding(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stack laid out as `s` (the layer axis is never split)."""
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*s.spec[1:]))
+    return s
+
+
 def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
     """Restores the tree onto the first device, or with `sharding(leaf name, shape)` straight
-    into each device's shards (each process reads only what its devices hold)."""
+    into each device's shards (each process reads only what its devices hold; a stack saved in
+    layer pieces is filled piece by piece, so the extra is one layer's shard)."""
     path = path.absolute()
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sharding = sharding or (lambda name, shape: default)
     tree: dict = {}
     with _checkpointer() as ckptr:
 
-        def restore(item: Path, name: str | None = None):
-            """A host array, or (given its leaf name) one laid out as `sharding` says."""
+        def shape_dtype(item: Path):
             meta = ckptr.metadata(item)
-            m = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["value"]
-            arg = (
-                ocp.RestoreArgs(restore_type=np.ndarray)
-                if name is None
-                else ocp.ArrayRestoreArgs(
-                    sharding=sharding(name, m.shape), global_shape=m.shape, dtype=m.dtype
-                )
-            )
+            return (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)[
+                "value"
+            ]
+
+        def restore(item: Path, s: jax.sharding.Sharding) -> jax.Array:
+            m = shape_dtype(item)
+            arg = ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)
             return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))[
                 "value"
             ]
 
         for entry in _read_index(path):
             name, pieces = entry["name"], entry["pieces"]
-            if pieces:  # fill one host array slice by slice, then hand out the shards
-                first = restore(path / f"{name}@0")
-                value = np.empty((pieces, *first.shape), first.dtype)
-                value[0] = first
-                for i in range(1, pieces):
-                    value[i] = restore(path / f"{name}@{i}")
-                value = put(value, sharding(name, value.shape))
+            if pieces:  # layer by layer into the stacked leaf's shards
+                m = shape_dtype(path / f"{name}@0")
+                s = sharding(name, (pieces, *m.shape))
+                value = jnp.zeros((pieces, *m.shape), m.dtype, device=s)
+                for i in range(pieces):
+                    layer = restore(path / f"{name}@{i}", _layer_sharding(s))
+                    value = _set_layer(value, layer, i)
             else:
-                value = restore(path / name, name)
+                value = restore(path / name, sharding(name, shape_dtype(path / name).shape))
             node = tree
             *parents, leaf = name.split(".")
             for k in parents:

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -169,3 +170,26 @@ def test_two_processes_equal_one_and_checkpoints_change_mesh(runs, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     assert main(["train", "--resume", str(resumed), "--mesh", "fsdp=1"]) == 0
     _assert_close(out, resumed)
+
+
+def _pieces_on_mesh(directory: str) -> None:
+    """(Runs on 8 devices.) A checkpoint whose stacks are saved in layer pieces restores into
+    the shards of a mesh, bit for bit, with the layout asked for."""
+    import lomo_jax.checkpoint as ckpt
+    from lomo_jax.sharding import make_mesh, put
+
+    ckpt.PIECE_BYTES = 10_000  # every stacked matrix here is larger
+    layout = Layout(make_mesh("data=2,fsdp=4"))
+    params = jax.tree.map(np.asarray, lomo_jax.init_params(CFG, jax.random.key(1)))
+    ckpt.write_params(Path(directory), put(params, layout.params(params)))
+    assert (Path(directory) / "layers.mlp.up_proj.kernel@1").is_dir()
+    back = ckpt.read_params(Path(directory), layout.param)
+    for a, b, s in zip(
+        jax.tree.leaves(back), jax.tree.leaves(params), jax.tree.leaves(layout.params(params))
+    ):
+        assert a.sharding == s and np.asarray(a).tobytes() == b.tobytes()
+
+
+def test_layer_pieces_restore_into_shards(tmp_path):
+    code = f"from tests.test_scale_out import _pieces_on_mesh; _pieces_on_mesh({str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)
