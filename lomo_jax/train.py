@@ -351,6 +351,14 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     except MeshError as e:
         raise ConfigError(str(e)) from None
     log.info("mesh %s over %d process(es)", dict(layout.mesh.shape), jax.process_count())
+    splits = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+    if c.batch_size % splits:
+        log.warning(
+            "batch size %d is not a multiple of data x fsdp = %d: devices will repeat "
+            "each other's rows (correct, but wasted work)",
+            c.batch_size,
+            splits,
+        )
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype], layout=layout)
     cfg = model.config
     check_tokenizer(model.tokenizer, cfg.vocab_size)
