@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument(
         "--mesh",
-        help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (axes data, fsdp, tensor; "
+        help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (axes data, fsdp; "
         "default: every visible device on fsdp)",
     )
     g = s.add_argument_group(

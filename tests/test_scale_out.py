@@ -30,31 +30,30 @@ TIMEOUT = 600  # a process whose peer died waits for the coordinator's barrier t
 
 
 def test_mesh_spec():
-    assert parse_mesh(None, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert parse_mesh("data=2", 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert parse_mesh("fsdp=2", 8) == {"data": 1, "fsdp": 2, "tensor": 1}  # the first 2
-    for bad in ("fsdp=16", "fsdp=0", "pipeline=2", "fsdp"):
+    assert parse_mesh(None, 8) == {"data": 1, "fsdp": 8}
+    assert parse_mesh("data=2", 8) == {"data": 2, "fsdp": 4}
+    assert parse_mesh("fsdp=2", 8) == {"data": 1, "fsdp": 2}  # the first 2 devices
+    for bad in ("fsdp=16", "fsdp=0", "tensor=2", "fsdp"):
         with pytest.raises(MeshError):
             parse_mesh(bad, 8)
 
 
 def test_partitioning_rules():
-    lay = Layout(AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor")))
+    lay = Layout(AbstractMesh((2, 4), ("data", "fsdp")))
     P = PartitionSpec
 
     def spec(name, shape):
         return lay.spec(param_axes(name), shape)
 
-    # The embed axis goes to fsdp; heads / mlp / vocab to tensor, and to fsdp when the embed
-    # axis comes second (so every matrix is split along its first axis, which XLA gathers
-    # without relayout).
-    assert spec("layers.self_attn.q_proj.kernel", (3, 64, 64)) == P(None, "fsdp", "tensor")
-    assert spec("layers.self_attn.o_proj.kernel", (3, 64, 64)) == P(None, ("tensor", "fsdp"), None)
-    assert spec("layers.mlp.down_proj.kernel", (3, 192, 64)) == P(None, ("tensor", "fsdp"), None)
-    assert spec("embed.embedding", (96, 64)) == P("tensor", "fsdp")
+    # Every matrix is split along its first axis that fsdp divides; vectors stay whole.
+    assert spec("layers.self_attn.q_proj.kernel", (3, 64, 32)) == P(None, "fsdp", None)
+    assert spec("layers.self_attn.o_proj.kernel", (3, 32, 64)) == P(None, "fsdp", None)
+    assert spec("layers.mlp.down_proj.kernel", (3, 192, 64)) == P(None, "fsdp", None)
+    assert spec("embed.embedding", (96, 64)) == P("fsdp", None)
+    assert spec("lm_head.kernel", (64, 96)) == P("fsdp", None)
     assert spec("layers.input_layernorm.weight", (3, 64)) == P(None, None)
-    # A dimension a mesh axis does not divide stays whole; the axis may serve another one.
-    assert spec("layers.self_attn.q_proj.kernel", (3, 63, 64)) == P(None, None, ("tensor", "fsdp"))
+    assert spec("layers.self_attn.q_proj.kernel", (3, 62, 64)) == P(None, None, "fsdp")
+    # The batch goes over data, and over fsdp too where it divides.
     assert lay.spec(("batch", "length"), (8, 16)) == P(("data", "fsdp"), None)
     assert lay.spec(("batch", "length"), (2, 16)) == P("data", None)
     with pytest.raises(KeyError, match="no sharding rule"):
