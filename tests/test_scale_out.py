@@ -2,7 +2,6 @@
 the weights of one device; checkpoints move between meshes. Multi-device runs happen in
 subprocesses (the device count is fixed when JAX starts)."""
 
-import json
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ import lomo_jax
 from lomo_jax.cli import main
 from lomo_jax.sharding import Layout, MeshError, param_axes, parse_mesh
 from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.test_train_cli import write_rows
 
 CFG = CONFIGS["gqa"]  # hidden 64, 4 heads (2 kv), intermediate 192: all divisible by 8
 OPTIMIZERS = {
@@ -99,16 +99,14 @@ def runs(tmp_path_factory):
     """Every optimizer on every mesh, in one process that sees 8 CPU devices."""
     tmp = tmp_path_factory.mktemp("scale_out")
     src = make_hf_dir(tmp / "hf", CFG)
-    data = tmp / "data.jsonl"
-    rows = random_ids(CFG, 32, 16, seed=3)
-    data.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows))
-    jobs = {
-        (opt, mesh): _train_args(src, data, tmp / f"{opt}-{mesh}", opt) + ["--mesh", mesh]
+    data = write_rows(tmp / "data.jsonl", random_ids(CFG, 32, 16, seed=3))
+    jobs = [
+        _train_args(src, data, tmp / f"{opt}-{mesh}", opt) + ["--mesh", mesh]
         for opt in OPTIMIZERS
         for mesh in MESHES
-    }
-    script = "import json, sys\nfrom lomo_jax.cli import main\n" + "".join(
-        f"assert main({args!r}) == 0\n" for args in jobs.values()
+    ]
+    script = "from lomo_jax.cli import main\n" + "".join(
+        f"assert main({args!r}) == 0\n" for args in jobs
     )
     subprocess.run(
         [sys.executable, "-c", script], env=_env(8), check=True, timeout=TIMEOUT, cwd=os.getcwd()
