@@ -76,20 +76,17 @@ def init_train_state(
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
 ) -> TrainState:
-    """The step-0 state; with a `layout`, built in place on the mesh (`params` is donated: the
-    sharded optimizer state is created shard by shard, never whole on one device)."""
+    """The step-0 state around `params`; with a `layout` (params already laid out on it), the
+    optimizer state is created in its shards, never whole on one device."""
 
-    def build(params):
+    def rest(params):
         scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
-        return TrainState(params, init_state(rule, params), jnp.int32(0), scale)
+        return init_state(rule, params), jnp.int32(0), scale
 
-    if layout is None:
-        return build(params)
-    shardings = jax.tree.map(lambda _: layout.replicated(), jax.eval_shape(build, params))
-    shardings = shardings._replace(
-        params=layout.params(params), opt_state=layout.opt_state(rule, params)
-    )
-    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+    if layout is not None:
+        shardings = jax.tree.map(lambda _: layout.replicated(), jax.eval_shape(rest, params))
+        rest = jax.jit(rest, out_shardings=(layout.opt_state(rule, params), *shardings[1:]))
+    return TrainState(params, *rest(params))
 
 
 def _next_token_targets(labels_BT: jax.Array) -> jax.Array:
