@@ -36,10 +36,17 @@ def _cmd_export(a: argparse.Namespace) -> None:
     log.info("exported %s -> %s", a.ckpt, out)
 
 
+def _layout(a: argparse.Namespace):
+    """`--mesh` of eval / generate: the model sharded over this process's devices, or None."""
+    from lomo_jax.sharding import Layout, make_mesh
+
+    return Layout(make_mesh(a.mesh)) if a.mesh else None
+
+
 def _cmd_generate(a: argparse.Namespace) -> None:
     from lomo_jax.pretrained import from_pretrained
 
-    model = from_pretrained(a.ckpt, a.tokenizer)
+    model = from_pretrained(a.ckpt, a.tokenizer, layout=_layout(a))
     text = model.generate_text(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     sys.stdout.write(text + "\n")
 
@@ -73,9 +80,10 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
 
+    layout = _layout(a)
     if a.format == "superglue" or (a.task and not a.format):
         examples = read_examples(a.task, a.data)  # bad input fails before the model loads
-        model = from_pretrained(a.ckpt, a.tokenizer)
+        model = from_pretrained(a.ckpt, a.tokenizer, layout=layout)
         if model.tokenizer is None:
             raise TaskError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
         check_tokenizer(model.tokenizer, model.config.vocab_size)
@@ -85,13 +93,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         result = {"task": a.task, "accuracy": accuracy(examples, scores), "n": len(examples)}
         text = f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples"
     else:
-        model = from_pretrained(a.ckpt, a.tokenizer)
+        model = from_pretrained(a.ckpt, a.tokenizer, layout=layout)
         check_tokenizer(model.tokenizer, model.config.vocab_size)
         rows = build_rows(
             a.format or "pretokenized", a.data, model.tokenizer, a.seq_len, template=a.template
         )
         check_vocab(rows, model.config.vocab_size, a.data)
-        result = evaluate_loss(model.config, model.params, rows, a.batch_size)
+        result = evaluate_loss(model.config, model.params, rows, a.batch_size, layout)
         text = (
             f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
             f"over {result['tokens']} tokens"
@@ -103,6 +111,9 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     from lomo_jax.demo import run_demo
 
     run_demo(a.out)
+
+
+MESH_HELP = "shard the model over devices: fsdp=8, data=2,fsdp=4, ..."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.add_argument("--mesh", help=MESH_HELP)
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser(
@@ -186,11 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--save-every", type=int, help="checkpoint every N steps (the last always)")
     s.add_argument("--keep-checkpoints", type=int, help="keep the last K (default 2)")
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    s.add_argument(
-        "--mesh",
-        help="device mesh, e.g. fsdp=8 or data=2,fsdp=4 (axes data, fsdp; "
-        "default: every visible device on fsdp)",
-    )
+    s.add_argument("--mesh", help=MESH_HELP + " (default: every visible device on fsdp)")
     g = s.add_argument_group(
         "several processes (hosts)",
         "start one process per host with the same command; jax.distributed joins them. "
@@ -211,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
+    s.add_argument("--mesh", help=MESH_HELP)
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("demo", help="the main job on an embedded default model")
@@ -224,6 +233,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lomo_jax.atomic import OutputExistsError
     from lomo_jax.checkpoint import CheckpointError
     from lomo_jax.data import DataError
+    from lomo_jax.sharding import MeshError
     from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
     from lomo_jax.train import ConfigError
@@ -236,6 +246,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         ConfigError,
         TaskError,
+        MeshError,
         FileNotFoundError,
         FloatingPointError,
     )

@@ -2,6 +2,7 @@
 the weights of one device; checkpoints move between meshes. Multi-device runs happen in
 subprocesses (the device count is fixed when JAX starts)."""
 
+import json
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ OPTIMIZERS = {
     "adalomo": ["--optimizer", "adalomo", "--lr", "0.01", "--weight-decay", "0.01"],
 }
 MESHES = ("fsdp=1", "fsdp=8", "data=2,fsdp=4")
+PROMPTS = [[1, 5, 9], [1, 7, 2]]
 TIMEOUT = 600  # a process whose peer died waits for the coordinator's barrier timeout
 
 
@@ -105,23 +107,49 @@ def runs(tmp_path_factory):
         for opt in OPTIMIZERS
         for mesh in MESHES
     ]
-    script = "from lomo_jax.cli import main\n" + "".join(
-        f"assert main({args!r}) == 0\n" for args in jobs
+    trained = str(tmp / "adalomo-fsdp=8")
+    evaluate = ["eval", trained, "--data", str(data), "--seq-len", "16", "--json"]
+    script = (
+        "import json, lomo_jax\n"
+        "from lomo_jax.cli import main\n"
+        "from lomo_jax.sharding import Layout, make_mesh\n"
+        + "".join(f"assert main({args!r}) == 0\n" for args in jobs)
+        # The trained model evaluated and generating with its weights sharded over 8 devices.
+        + f"assert main({evaluate + ['--mesh', 'fsdp=8']!r}) == 0\n"
+        + f"m = lomo_jax.from_pretrained({trained!r}, layout=Layout(make_mesh('fsdp=8')))\n"
+        + f"print(json.dumps(m.generate({PROMPTS!r}, 8)))\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", script], env=_env(8), check=True, timeout=TIMEOUT, cwd=os.getcwd()
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env(8),
+        check=True,
+        timeout=TIMEOUT,
+        cwd=os.getcwd(),
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    return tmp, src, data
+    sharded_eval, sharded_tokens = done.stdout.strip().splitlines()[-2:]
+    return tmp, src, data, evaluate, json.loads(sharded_eval), json.loads(sharded_tokens)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4"])
 def test_sharded_training_equals_one_device(runs, optimizer, mesh):
-    tmp, _, _ = runs
+    tmp = runs[0]
     _assert_close(tmp / f"{optimizer}-fsdp=1", tmp / f"{optimizer}-{mesh}")
     # ...and it trained: every tensor moved.
     moved = zip(_weights(tmp / "hf"), _weights(tmp / f"{optimizer}-{mesh}"))
     assert all(np.any(a != b) for a, b in moved)
+
+
+def test_sharded_eval_and_generate_equal_one_device(runs, capsys):
+    tmp, _, _, evaluate, sharded_eval, sharded_tokens = runs
+    assert main(evaluate) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["tokens"] == sharded_eval["tokens"] > 0
+    assert abs(one["loss"] - sharded_eval["loss"]) <= 1e-5 * one["loss"]
+    model = lomo_jax.from_pretrained(tmp / "adalomo-fsdp=8")
+    assert model.generate(PROMPTS, 8) == sharded_tokens
 
 
 def _free_port() -> int:
@@ -131,7 +159,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_equal_one_and_checkpoints_change_mesh(runs, tmp_path):
-    tmp, src, data = runs
+    tmp, src, data = runs[:3]
     out = tmp_path / "two"
     port = _free_port()
     procs = [
