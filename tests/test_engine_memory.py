@@ -32,9 +32,11 @@ def compile_step(method, layers, tied=False, kv_heads=4):
     return cfg, lowered.compile()
 
 
-def stack_copies(compiled, layers) -> list[str]:
-    """HLO copy instructions whose result has the leading layer axis of a stacked weight."""
-    pat = re.compile(rf"= f32\[{layers},\d+(,\d+)?\]\S* copy\(")
+def stack_copies(compiled, layers, matrices_only=False) -> list[str]:
+    """HLO copy instructions whose result has the leading layer axis of a stacked weight (of a
+    stacked matrix only, with `matrices_only`)."""
+    tail = r",\d+" if matrices_only else r"(?:,\d+)?"
+    pat = re.compile(rf"= f32\[{layers},\d+{tail}\]\S* copy\(")
     return [line.strip()[:120] for line in compiled.as_text().splitlines() if pat.search(line)]
 
 
