@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import is_primary
+from lomo_jax.sharding import leaf_name
 
 # (leaf name, global shape) -> where the leaf's shards go
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
@@ -44,11 +45,6 @@ def _checkpointer() -> ocp.Checkpointer:
 LEAVES_FILE = "leaves.json"
 
 
-def _leaf_name(path) -> str:
-    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-    return ".".join(str(p) for p in parts)
-
-
 # Leaves larger than this are written as slices along their first (layer) axis.
 PIECE_BYTES = 256 * 2**20
 
@@ -66,7 +62,7 @@ def write_params(path: Path, params: Any) -> None:
     index = []
     with _checkpointer() as ckptr:
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            name = _leaf_name(leaf_path)
+            name = leaf_name(leaf_path)
             nbytes = leaf.size * leaf.dtype.itemsize
             pieces = leaf.shape[0] if leaf.ndim > 1 and nbytes > PIECE_BYTES else 0
             for i, piece in enumerate([leaf[i] for i in range(pieces)] if pieces else [leaf]):
@@ -151,12 +147,12 @@ def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
 def read_like(path: Path, like: Any) -> Any:
     """Restores a tree written by `write_params` into the structure and shardings of `like` (any
     pytree of arrays), whatever mesh it was saved from."""
-    named = {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    named = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
     flat = read_params(path, lambda name, shape: named[name].sharding)
     leaves = []
     for leaf_path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
         node = flat
-        for k in _leaf_name(leaf_path).split("."):
+        for k in leaf_name(leaf_path).split("."):
             node = node[k]
         leaves.append(node)
     return jax.tree.unflatten(jax.tree.structure(like), leaves)

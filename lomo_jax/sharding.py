@@ -93,8 +93,11 @@ def make_mesh(spec: str | None = None, devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]).reshape(tuple(sizes.values())), MESH_AXES)
 
 
-def _leaf_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def leaf_name(path) -> str:
+    """The dotted name of a pytree leaf from its key path (e.g. layers.mlp.up_proj.kernel): the
+    names checkpoints index by and the sharding rules match."""
+    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return ".".join(str(p) for p in parts)
 
 
 def param_axes(name: str) -> tuple[str, ...]:
@@ -137,13 +140,13 @@ class Layout:
     def params(self, params: Any) -> Any:
         """A tree of shardings matching `params` (arrays or shapes)."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: self.param(_leaf_name(path), x.shape), params
+            lambda path, x: self.param(leaf_name(path), x.shape), params
         )
 
     def layer(self, p_layer: Any) -> Any:
         """Shardings of one layer's slice of the stacked weights (no layer axis)."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: self.sharding(param_axes("layers." + _leaf_name(path))[1:], x.shape),
+            lambda path, x: self.sharding(param_axes("layers." + leaf_name(path))[1:], x.shape),
             p_layer,
         )
 
@@ -152,7 +155,7 @@ class Layout:
         its parameter that it keeps (AdaLomo's row factor drops the last, col the one before)."""
 
         def per_param(path, x):
-            name = _leaf_name(path)
+            name = leaf_name(path)
             axes = param_axes(name)
             stacked = name.startswith("layers.")
             shape = x.shape[1:] if stacked else x.shape
