@@ -220,7 +220,8 @@ def save_state(out: Path, state: TrainState, keep: int) -> Path:
 
 
 def load_state(ckpt: Path, like: TrainState, layout: Layout) -> TrainState:
-    """The checkpoint's state in the layout of `like` (the mesh may differ from the saving one)."""
+    """The checkpoint's state in the shapes and layout of `like` (arrays or ShapeDtypeStructs;
+    the mesh may differ from the saving one)."""
     meta = json.loads((ckpt / "state.json").read_text())
     opt_state = (
         checkpoint.read_like(ckpt / "opt_state", like.opt_state)
@@ -375,7 +376,11 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
     metrics_file = out / "metrics.jsonl"
     if resume and _checkpoints(out):
         ckpt = _checkpoints(out)[-1]
-        state = load_state(ckpt, state, layout)
+        like = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        model.params = state = None  # free the starting weights: never hold two copies
+        state = load_state(ckpt, like, layout)
         log.info("resuming from %s", ckpt)
     start = int(state.step)
     if metrics_file.exists():  # keep the curve up to the checkpoint, drop what followed it
