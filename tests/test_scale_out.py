@@ -62,9 +62,14 @@ def test_partitioning_rules():
         param_axes("layers.mystery.kernel")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _env(devices: int) -> dict:
+    """A subprocess environment with `devices` host-platform CPU devices and this repository
+    importable (lomo_jax, tests) wherever pytest was started."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -124,7 +129,7 @@ def runs(tmp_path_factory):
         env=_env(8),
         check=True,
         timeout=TIMEOUT,
-        cwd=os.getcwd(),
+        cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
     )
