@@ -18,7 +18,7 @@ from lomo_jax.memory import lower
 B, T = 2, 64
 
 
-def compile_step(method, layers, tied=False, kv_heads=4):
+def compile_step(method, layers, tied=False, kv_heads=4, layout=None):
     cfg = LlamaConfig(
         vocab_size=512,
         hidden_size=256,
@@ -28,7 +28,7 @@ def compile_step(method, layers, tied=False, kv_heads=4):
         num_key_value_heads=kv_heads,
         tie_word_embeddings=tied,
     )
-    lowered, params = lower(cfg, method, B, T, jnp.float32)
+    lowered, params = lower(cfg, method, B, T, jnp.float32, layout)
     return cfg, lowered.compile()
 
 

@@ -229,23 +229,13 @@ def _no_stack_copies_on_mesh() -> None:
     """(Runs on 8 devices.) The sharded fused step updates the stacks' shards in place: no
     instruction copies a stacked matrix. (Split along their last axis, the stacks got another
     memory layout for the collectives and were copied whole: 1.54 x the share at 65B.)"""
-    import jax.numpy as jnp
-
-    from lomo_jax.config import LlamaConfig
-    from lomo_jax.memory import lower
     from lomo_jax.sharding import make_mesh
-    from tests.test_engine_memory import stack_copies
+    from tests.test_engine_memory import compile_step, stack_copies
 
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=16,
-        num_attention_heads=4,
-    )
+    layout = Layout(make_mesh("fsdp=8"))
     for method in ("fused-lomo", "fused-adalomo"):
-        lowered, _ = lower(cfg, method, 8, 64, jnp.float32, Layout(make_mesh("fsdp=8")))
-        assert stack_copies(lowered.compile(), 16, matrices_only=True) == [], method
+        _, compiled = compile_step(method, 16, layout=layout)
+        assert stack_copies(compiled, 16, matrices_only=True) == [], method
 
 
 def test_sharded_step_copies_no_stack():
