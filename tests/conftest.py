@@ -71,3 +71,8 @@ def make_hf_dir(path: Path, cfg: LlamaConfig, seed: int = 0, dtype=np.float32, *
 
 def random_ids(cfg: LlamaConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length), dtype=np.int32)
+
+
+def train_args(src, data, out, *flags: str) -> list[str]:
+    """`lomo-jax train` arguments for model SRC, data file DATA and run directory OUT."""
+    return ["train", "--model", str(src), "--data", str(data), "--out", str(out), *flags]

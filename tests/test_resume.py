@@ -14,7 +14,7 @@ import yaml
 
 import lomo_jax
 from lomo_jax.cli import main
-from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_train_cli import write_rows
 
 CFG = CONFIGS["gqa"]
@@ -22,14 +22,10 @@ STEPS = 20
 
 
 def args(src, data, out):
-    return [
-        "train",
-        "--model",
-        str(src),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
+    return train_args(
+        src,
+        data,
+        out,
         "--optimizer",
         "adalomo",
         "--lr",
@@ -54,7 +50,7 @@ def args(src, data, out):
         "0.2",
         "--eval-every",
         "10",
-    ]
+    )
 
 
 def losses(out):
@@ -105,19 +101,17 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
         sys.executable,
         "-m",
         "lomo_jax.cli",
-        "train",
-        "--model",
-        str(src),
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--steps",
-        "100000",
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "16",
+        *train_args(
+            src,
+            data,
+            run,
+            "--steps",
+            "100000",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "16",
+        ),
     ]
     log = open(tmp_path / "stderr.txt", "w")
     proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=os.getcwd()), stderr=log)
@@ -144,14 +138,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
     run = tmp_path / "run"
     rc = main(
-        [
-            "train",
-            "--model",
-            str(src),
-            "--data",
-            str(data),
-            "--out",
-            str(run),
+        train_args(
+            src,
+            data,
+            run,
             "--optimizer",
             "lomo",
             "--lr",
@@ -164,7 +154,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
             "16",
             "--save-every",
             "1",
-        ]
+        )
     )
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

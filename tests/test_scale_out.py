@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 import lomo_jax
 from lomo_jax.cli import main
 from lomo_jax.sharding import Layout, MeshError, param_axes, parse_mesh
-from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_train_cli import write_rows
 
 CFG = CONFIGS["gqa"]  # hidden 64, 4 heads (2 kv), intermediate 192: all divisible by 8
@@ -74,22 +74,8 @@ def _env(devices: int) -> dict:
 
 
 def _train_args(src, data, out, optimizer: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(src),
-        "--data",
-        str(data),
-        *OPTIMIZERS[optimizer],
-        "--steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "16",
-        "--out",
-        str(out),
-    ]
+    steps = ["--steps", "4", "--batch-size", "8", "--seq-len", "16"]
+    return train_args(src, data, out, *OPTIMIZERS[optimizer], *steps)
 
 
 def _weights(path) -> list[np.ndarray]:
