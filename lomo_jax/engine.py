@@ -6,19 +6,23 @@ JAX has no backward hooks, so the backward pass is written out:
    (activation checkpointing at layer boundaries);
 2. head: vjp of final norm + lm_head + cross-entropy, over sequence chunks so the [B, T, V]
    logits never exist at once; the head is updated at once;
-3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, update layer i's
-   weights and optimizer state in the carried (donated) stacks, pass dh_i down;
+3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, one step of
+   `model.LAYER_STEPS` at a time (a norm, or the projections reading one input); walking the
+   steps back, update each step's weights and optimizer state in the carried (donated) stacks
+   before the next step's gradients are computed; pass dh_i down;
 4. embedding: the gradient is a scatter-add of dh_0 into its rows (plus the head's gradient when
    the table is tied: one update with the sum).
 
 Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
 layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
 global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
-paper does; only one layer's gradients are alive at a time in either pass.
+paper does; only one step's gradients are alive at a time in either pass.
 
 Copies: XLA updates a stack in place (dynamic_update_slice into the donated carry) only when it
 can prove every read of layer i's weights happens before the write; `_depends_on` adds the data
-edges that prove it. tests/test_engine_memory.py fails if a copy of a stack comes back.
+edges that prove it (and the edges that make each step wait for the update above it, or XLA
+would compute every weight gradient of the layer first and hold them all).
+tests/test_engine_memory.py fails if a copy of a stack comes back.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
 from lomo_jax.model import (
+    LAYER_STEPS,
     causal_mask,
     decoder_layer,
     default_positions,
     embed,
     forward,
     head,
+    layer_step,
 )
 from lomo_jax.optim import (
     StepScalars,
@@ -173,20 +180,35 @@ def _depends_on(tree, *deps):
     iteration. `lax.optimization_barrier` would say this, but XLA:CPU drops it, so the edge is
     `x + 0 * dep`, which XLA cannot fold for floats (0 * inf is NaN) and fuses for free.
     """
+    if not jax.tree.leaves(deps):
+        return tree
     zero = 0.0 * sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(deps))
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
-def _layer_backward(cfg: LlamaConfig, p_i, h_i, dh, positions, mask, layout=None):
-    """Recomputes layer i from its saved input and returns (its gradients, dh below it).
+def _layer_backward(cfg: LlamaConfig, p_i: dict, h_i, dh, positions, mask, consume, acc, layout):
+    """Recomputes layer i from its saved input one step at a time (`model.LAYER_STEPS`), then
+    walks the steps back; each step's gradients go to `consume(acc, weights, grads)` as soon as
+    they exist, so at most one step's gradients are alive. -> (acc, dh below the layer).
 
-    Sharded, each gradient is constrained to its weight's shards, so XLA reduce-scatters it
-    and the update touches only the device's slice."""
-    _, vjp = jax.vjp(lambda p, h: decoder_layer(cfg, p, h, positions, mask), p_i, h_i)
-    g, dh = vjp(dh)
-    if layout is not None:
-        g = jax.lax.with_sharding_constraint(g, layout.layer(p_i))
-    return g, dh
+    `p_i` (and what `consume` receives) is flat: {path tuple: one layer's weight}. Sharded, each
+    gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
+    touches only the device's slice."""
+    xs, tape = (h_i,), []
+    for name, modules in LAYER_STEPS:
+        p = {k: w for k, w in p_i.items() if any(k[: len(m)] == m for m in modules)}
+        xs, vjp = jax.vjp(layer_step(cfg, name, positions, mask), unflatten_dict(p), xs)
+        tape.append((p, vjp))
+    dxs = (dh,)
+    for p, vjp in reversed(tape):
+        g, dxs = vjp(dxs)
+        if layout is not None:
+            g = jax.lax.with_sharding_constraint(g, layout.layer(g))
+        # dxs reads every weight of the step (the in-place writes must come after the reads),
+        # and the steps below wait for this one's update, so its gradients die here.
+        acc, done = consume(acc, p, _depends_on(flatten_dict(g), dxs))
+        dxs = _depends_on(dxs, done)
+    return acc, dxs[0]
 
 
 def _fused_backward(
@@ -202,16 +224,26 @@ def _fused_backward(
         g = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
         return g if g_head_emb is None else g + g_head_emb
 
+    def backward(consume, acc, p_i, h_i, dh):
+        return _layer_backward(cfg, p_i, h_i, dh, positions, mask, consume, acc, layout)
+
     if measure_only:
 
-        def measure(carry, x):
-            dh, acc, ok = carry
-            p_i, h_i = x
-            g, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask, layout)
-            return (dh, acc + global_norm_sq(g, sc.loss_scale), ok & _all_finite(g)), None
+        def measure_step(acc, p, g):
+            sumsq, ok = acc
+            sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
+            return (sumsq, ok & _all_finite(g)), sumsq
 
-        init = (dh_L, global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head))
-        (dh0, sumsq, finite), _ = jax.lax.scan(measure, init, (params["layers"], hs), reverse=True)
+        def measure(carry, x):
+            dh, acc = carry
+            p_i, h_i = x
+            acc, dh = backward(measure_step, acc, flatten_dict(p_i), h_i, dh)
+            return (dh, acc), None
+
+        init = (dh_L, (global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head)))
+        (dh0, (sumsq, finite)), _ = jax.lax.scan(
+            measure, init, (params["layers"], hs), reverse=True
+        )
         g_emb = embedding_grad(dh0)
         return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
 
@@ -220,27 +252,52 @@ def _fused_backward(
         new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc)
 
     def update(carry, x):
-        p_layers, s_layers, dh = carry
         h_i, i = x
-        p_i = jax.tree.map(lambda a: a[i], p_layers)
-        s_i = jax.tree.map(lambda a: a[i], s_layers)
-        g_i, dh = _layer_backward(cfg, p_i, h_i, dh, positions, mask, layout)
-        g_i = _depends_on(g_i, dh)  # dh reads every weight of the layer: reads before writes
-        p_i, s_i = map_rule(rule, p_i, g_i, s_i, sc)
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
-        p_layers = jax.tree.map(put, p_layers, p_i)
-        # The rule's state reads feed the weight update: state writes after the weight writes.
-        s_i = _depends_on(s_i, [w[i] for w in jax.tree.leaves(p_layers)])
-        return (p_layers, jax.tree.map(put, s_layers, s_i), dh), None
 
+        def update_step(acc, p, g):
+            p_stacks, s_stacks = acc
+            s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
+            p, s = map_rule(rule, p, g, s, sc)
+            p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k]) for k in p}}
+            # The rule's state reads feed the weight update: state writes after weight writes.
+            s = _depends_on(s, [p_stacks[k][i] for k in p])
+            s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
+            # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA
+            # turns a read of an updated [L, D] stack into a read of the old one (a copy).
+            done = [_read_after_write(p_stacks[k], i) for k in p if p_stacks[k].ndim > 2]
+            return (p_stacks, s_stacks), done
+
+        p_stacks, s_stacks, dh = carry
+        p_i = {k: w[i] for k, w in p_stacks.items()}
+        (p_stacks, s_stacks), dh = backward(update_step, (p_stacks, s_stacks), p_i, h_i, dh)
+        return (p_stacks, s_stacks, dh), None
+
+    p_stacks = flatten_dict(params["layers"])
+    s_stacks = {k: _subtree(opt_state["layers"], k) for k in p_stacks}
     idx = jnp.arange(cfg.num_hidden_layers)
-    (new_params["layers"], new_state["layers"], dh0), _ = jax.lax.scan(
-        update, (params["layers"], opt_state["layers"], dh_L), (hs, idx), reverse=True
+    (p_stacks, s_stacks, dh0), _ = jax.lax.scan(
+        update, (p_stacks, s_stacks, dh_L), (hs, idx), reverse=True
     )
+    new_params["layers"], new_state["layers"] = unflatten_dict(p_stacks), unflatten_dict(s_stacks)
     new_params["embed"], new_state["embed"] = map_rule(
         rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc
     )
     return new_params, new_state
+
+
+def _read_after_write(stack: jax.Array, i: jax.Array) -> jax.Array:
+    """One element of `stack` that XLA must read from the written buffer: another layer's (XLA
+    rewrites any read of layer i after its update into a read of the old stack, which would
+    then have to be copied)."""
+    j = (i + 1) % stack.shape[0]
+    return jax.lax.dynamic_slice(stack, (j,) + (0,) * (stack.ndim - 1), (1,) * stack.ndim)
+
+
+def _subtree(tree, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def fused_step(

@@ -92,51 +92,61 @@ class KVCache(NamedTuple):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention in two halves, `project` (q, k, v with RoPE) and `attend` (softmax
+    attention and the output projection), so a KV cache or the fused engine can sit between."""
+
     cfg: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_BTS, cache: KVCache | None = None, index=None):
+    def setup(self):
+        cfg = self.cfg
+        H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = lambda n: nn.Dense(n, use_bias=cfg.attention_bias)  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj = dense(H * K), dense(KVH * K), dense(KVH * K)
+        self.o_proj = dense(cfg.hidden_size)
+
+    def project(self, x_BTD, positions_BT):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         B, T, _ = x_BTD.shape
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.attention_bias, name=name)  # noqa: E731
-        q_BTHK = dense(H * K, "q_proj")(x_BTD).reshape(B, T, H, K)
-        k_BTHK = dense(KVH * K, "k_proj")(x_BTD).reshape(B, T, KVH, K)
-        v_BTHK = dense(KVH * K, "v_proj")(x_BTD).reshape(B, T, KVH, K)
         inv_freq = rope_inv_freq(cfg)
-        q_BTHK = apply_rope(q_BTHK, positions_BT, inv_freq)
-        k_BTHK = apply_rope(k_BTHK, positions_BT, inv_freq)
-        if cache is not None:
-            k_BTHK = jax.lax.dynamic_update_slice_in_dim(cache.k_BSHK, k_BTHK, index, axis=1)
-            v_BTHK = jax.lax.dynamic_update_slice_in_dim(cache.v_BSHK, v_BTHK, index, axis=1)
-            cache = KVCache(k_BTHK, v_BTHK)
+        q_BTHK = apply_rope(self.q_proj(x_BTD).reshape(B, T, H, K), positions_BT, inv_freq)
+        k_BTHK = apply_rope(self.k_proj(x_BTD).reshape(B, T, KVH, K), positions_BT, inv_freq)
+        return q_BTHK, k_BTHK, self.v_proj(x_BTD).reshape(B, T, KVH, K)
+
+    def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+        B, T, H, K = q_BTHK.shape
+        KVH = k_BSHK.shape[2]
         # Grouped-query attention: each KV head serves H // KVH query heads.
         q_BTHGK = q_BTHK.reshape(B, T, KVH, H // KVH, K)
-        scores_BHGTS = jnp.einsum("bthgk,bshk->bhgts", q_BTHGK, k_BTHK).astype(jnp.float32)
+        scores_BHGTS = jnp.einsum("bthgk,bshk->bhgts", q_BTHGK, k_BSHK).astype(jnp.float32)
         scores_BHGTS = scores_BHGTS / np.sqrt(K).astype(np.float32)
         scores_BHGTS = jnp.where(mask_BTS[:, None, None], scores_BHGTS, jnp.finfo(jnp.float32).min)
-        probs_BHGTS = jax.nn.softmax(scores_BHGTS, axis=-1).astype(v_BTHK.dtype)
-        out_BTHGK = jnp.einsum("bhgts,bshk->bthgk", probs_BHGTS, v_BTHK)
-        out_BTD = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, name="o_proj")(
-            out_BTHGK.reshape(B, T, H * K)
-        )
-        return out_BTD, cache
+        probs_BHGTS = jax.nn.softmax(scores_BHGTS, axis=-1).astype(v_BSHK.dtype)
+        out_BTHGK = jnp.einsum("bhgts,bshk->bthgk", probs_BHGTS, v_BSHK)
+        return self.o_proj(out_BTHGK.reshape(B, T, H * K))
 
 
 class MLP(nn.Module):
+    """SwiGLU in two halves: `expand` (gate and up projections) and `contract` (down)."""
+
     cfg: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x_BTD):
+    def setup(self):
         cfg = self.cfg
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.mlp_bias, name=name)  # noqa: E731
-        gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
-        up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
-        return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+        dense = lambda n: nn.Dense(n, use_bias=cfg.mlp_bias)  # noqa: E731
+        self.gate_proj, self.up_proj = dense(cfg.intermediate_size), dense(cfg.intermediate_size)
+        self.down_proj = dense(cfg.hidden_size)
+
+    def expand(self, x_BTD):
+        return self.gate_proj(x_BTD), self.up_proj(x_BTD)
+
+    def contract(self, gate_BTF, up_BTF):
+        return self.down_proj(nn.silu(gate_BTF) * up_BTF)
 
 
 class DecoderLayer(nn.Module):
-    """Two residual blocks: attention, then MLP, each behind its own RMSNorm."""
+    """Two residual blocks, attention then MLP, each behind its own RMSNorm, written as six
+    steps (see LAYER_STEPS): a norm, or the projections that read the same input."""
 
     cfg: LlamaConfig
 
@@ -147,18 +157,56 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(eps)
         self.mlp = MLP(self.cfg)
 
-    def attention_block(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
-        attn_BTD, cache = self.self_attn(
-            self.input_layernorm(h_BTD), positions_BT, mask_BTS, cache, index
-        )
-        return h_BTD + attn_BTD, cache
+    def attention_norm(self, h_BTD, positions_BT, mask_BTS):
+        return h_BTD, self.input_layernorm(h_BTD)
 
-    def mlp_block(self, h_BTD):
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+    def attention_in(self, h_BTD, x_BTD, positions_BT, mask_BTS):
+        return h_BTD, *self.self_attn.project(x_BTD, positions_BT)
+
+    def attention_out(self, h_BTD, q_BTHK, k_BSHK, v_BSHK, positions_BT, mask_BTS):
+        return (h_BTD + self.self_attn.attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS),)
+
+    def mlp_norm(self, h_BTD, positions_BT, mask_BTS):
+        return h_BTD, self.post_attention_layernorm(h_BTD)
+
+    def mlp_in(self, h_BTD, x_BTD, positions_BT, mask_BTS):
+        return h_BTD, *self.mlp.expand(x_BTD)
+
+    def mlp_out(self, h_BTD, gate_BTF, up_BTF, positions_BT, mask_BTS):
+        return (h_BTD + self.mlp.contract(gate_BTF, up_BTF),)
 
     def __call__(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
-        h_BTD, cache = self.attention_block(h_BTD, positions_BT, mask_BTS, cache, index)
-        return self.mlp_block(h_BTD), cache
+        ctx = (positions_BT, mask_BTS)
+        h_BTD, q, k, v = self.attention_in(*self.attention_norm(h_BTD, *ctx), *ctx)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k_BSHK, k, index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v_BSHK, v, index, axis=1)
+            cache = KVCache(k, v)
+        (h_BTD,) = self.attention_out(h_BTD, q, k, v, *ctx)
+        (h_BTD,) = self.mlp_out(*self.mlp_in(*self.mlp_norm(h_BTD, *ctx), *ctx), *ctx)
+        return h_BTD, cache
+
+
+# The decoder layer as a chain of steps, each a method of DecoderLayer mapping the previous
+# step's outputs (and positions, mask) to its own, with the modules whose weights it reads.
+# Composed they are the layer; the fused engine takes one vjp per step and updates the step's
+# weights before going on, so at most one step's gradients exist at a time.
+LAYER_STEPS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    ("attention_norm", (("input_layernorm",),)),
+    ("attention_in", (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"))),
+    ("attention_out", (("self_attn", "o_proj"),)),
+    ("mlp_norm", (("post_attention_layernorm",),)),
+    ("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj"))),
+    ("mlp_out", (("mlp", "down_proj"),)),
+)
+
+
+def layer_step(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask_BTS: jax.Array):
+    """Step `name` of LAYER_STEPS as a pure function (its weights, its inputs) -> its outputs."""
+    method = getattr(DecoderLayer, name)
+    return lambda p, xs: DecoderLayer(cfg).apply(
+        {"params": p}, *xs, positions_BT, mask_BTS, method=method
+    )
 
 
 # ---- the pure pieces ------------------------------------------------------------------------
