@@ -7,7 +7,7 @@ JAX has no backward hooks, so the backward pass is written out:
 2. head: vjp of final norm + lm_head + cross-entropy, over sequence chunks so the [B, T, V]
    logits never exist at once; the head is updated at once;
 3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, one step of
-   `model.LAYER_STEPS` at a time (a norm, or the projections reading one input); walking the
+   `model.LAYER_BLOCKS` at a time (a norm, or the projections reading one input); walking the
    steps back, update each step's weights and optimizer state in the carried (donated) stacks
    before the next step's gradients are computed; pass dh_i down;
 4. embedding: the gradient is a scatter-add of dh_0 into its rows (plus the head's gradient when
@@ -38,7 +38,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
 from lomo_jax.model import (
-    LAYER_STEPS,
+    LAYER_BLOCKS,
     causal_mask,
     decoder_layer,
     default_positions,
@@ -171,6 +171,11 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _first(x: jax.Array) -> jax.Array:
+    """x's first element (indexed, not raveled: a sharded array's ravel would be gathered)."""
+    return x[(0,) * x.ndim]
+
+
 def _depends_on(tree, *deps):
     """`tree` with the same values, but data-dependent on `deps` (one scalar read of each).
 
@@ -182,33 +187,56 @@ def _depends_on(tree, *deps):
     """
     if not jax.tree.leaves(deps):
         return tree
-    zero = 0.0 * sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(deps))
+    zero = 0.0 * sum(_first(x).astype(jnp.float32) for x in jax.tree.leaves(deps))
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
-def _layer_backward(cfg: LlamaConfig, p_i: dict, h_i, dh, positions, mask, consume, acc, layout):
-    """Recomputes layer i from its saved input one step at a time (`model.LAYER_STEPS`), then
-    walks the steps back; each step's gradients go to `consume(acc, weights, grads)` as soon as
-    they exist, so at most one step's gradients are alive. -> (acc, dh below the layer).
+def _layer_backward(
+    cfg: LlamaConfig, stacks: dict, i, h_i, dh, positions, mask, consume, acc, layout
+):
+    """Layer i's backward, block by block (`model.LAYER_BLOCKS`), the last block first: each
+    block is recomputed under `jax.vjp` from its input once the block above is done, one step at
+    a time; walking its steps back, each step's gradients go to `consume(acc, weights, grads)`
+    as soon as they exist, so at most one step's gradients and one block's activations are
+    alive. -> (acc, dh below the layer).
 
-    `p_i` (and what `consume` receives) is flat: {path tuple: one layer's weight}. Sharded, each
+    `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
     touches only the device's slice."""
-    xs, tape = (h_i,), []
-    for name, modules in LAYER_STEPS:
-        p = {k: w for k, w in p_i.items() if any(k[: len(m)] == m for m in modules)}
-        xs, vjp = jax.vjp(layer_step(cfg, name, positions, mask), unflatten_dict(p), xs)
-        tape.append((p, vjp))
+
+    def weights(modules, after):
+        # Sliced anew after `after`: one slice shared with the forward would stay alive between.
+        j = _index_after(i, after)
+        return {k: w[j] for k, w in stacks.items() if any(k[: len(m)] == m for m in modules)}
+
+    # Each block's input (a plain forward: its activations are not kept).
+    inputs, xs = [], (h_i,)
+    for block in LAYER_BLOCKS:
+        inputs.append(xs)
+        for name, modules in block:
+            xs = layer_step(cfg, name, positions, mask)(unflatten_dict(weights(modules, h_i)), xs)
     dxs = (dh,)
-    for p, vjp in reversed(tape):
-        g, dxs = vjp(dxs)
-        if layout is not None:
-            g = jax.lax.with_sharding_constraint(g, layout.layer(g))
-        # dxs reads every weight of the step (the in-place writes must come after the reads),
-        # and the steps below wait for this one's update, so its gradients die here.
-        acc, done = consume(acc, p, _depends_on(flatten_dict(g), dxs))
-        dxs = _depends_on(dxs, done)
+    for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
+        xs, tape = _depends_on(xs, dxs), []
+        for name, modules in block:
+            p = weights(modules, dxs)
+            xs, vjp = jax.vjp(layer_step(cfg, name, positions, mask), unflatten_dict(p), xs)
+            tape.append((p, vjp))
+        for p, vjp in reversed(tape):
+            g, dxs = vjp(dxs)
+            if layout is not None:
+                g = jax.lax.with_sharding_constraint(g, layout.layer(g))
+            # dxs reads every weight of the step (the in-place writes must come after the
+            # reads), and the steps below wait for this one's update: its gradients die here.
+            acc, done = consume(acc, p, _depends_on(flatten_dict(g), dxs))
+            dxs = _depends_on(dxs, done)
     return acc, dxs[0]
+
+
+def _index_after(i: jax.Array, deps) -> jax.Array:
+    """`i`, computed after `deps` (it reads one of their elements); XLA cannot fold it."""
+    x = _first(jax.tree.leaves(deps)[0])
+    return jnp.minimum(i, i + jnp.isnan(x).astype(i.dtype))
 
 
 def _fused_backward(
@@ -224,8 +252,8 @@ def _fused_backward(
         g = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
         return g if g_head_emb is None else g + g_head_emb
 
-    def backward(consume, acc, p_i, h_i, dh):
-        return _layer_backward(cfg, p_i, h_i, dh, positions, mask, consume, acc, layout)
+    def backward(consume, acc, stacks, i, h_i, dh):
+        return _layer_backward(cfg, stacks, i, h_i, dh, positions, mask, consume, acc, layout)
 
     if measure_only:
 
@@ -236,13 +264,13 @@ def _fused_backward(
 
         def measure(carry, x):
             dh, acc = carry
-            p_i, h_i = x
-            acc, dh = backward(measure_step, acc, flatten_dict(p_i), h_i, dh)
+            h_i, i = x
+            acc, dh = backward(measure_step, acc, flatten_dict(params["layers"]), i, h_i, dh)
             return (dh, acc), None
 
         init = (dh_L, (global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head)))
         (dh0, (sumsq, finite)), _ = jax.lax.scan(
-            measure, init, (params["layers"], hs), reverse=True
+            measure, init, (hs, jnp.arange(cfg.num_hidden_layers)), reverse=True
         )
         g_emb = embedding_grad(dh0)
         return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
@@ -250,6 +278,9 @@ def _fused_backward(
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():
         new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc)
+    # The layers wait for the head's update, or its gradient (as big as the vocabulary table)
+    # would be kept alive through the whole reverse scan.
+    dh_L = _depends_on(dh_L, [new_params[k] for k in g_head])
 
     def update(carry, x):
         h_i, i = x
@@ -265,12 +296,15 @@ def _fused_backward(
             s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
             # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA
             # turns a read of an updated [L, D] stack into a read of the old one (a copy).
+            # Sharded, the read would gather the stack (a partial slice of a split axis): the
+            # steps are left unordered there, as each device holds only its share anyway.
+            if layout is not None:
+                return (p_stacks, s_stacks), []
             done = [_read_after_write(p_stacks[k], i) for k in p if p_stacks[k].ndim > 2]
             return (p_stacks, s_stacks), done
 
         p_stacks, s_stacks, dh = carry
-        p_i = {k: w[i] for k, w in p_stacks.items()}
-        (p_stacks, s_stacks), dh = backward(update_step, (p_stacks, s_stacks), p_i, h_i, dh)
+        (p_stacks, s_stacks), dh = backward(update_step, (p_stacks, s_stacks), p_stacks, i, h_i, dh)
         return (p_stacks, s_stacks, dh), None
 
     p_stacks = flatten_dict(params["layers"])
@@ -287,9 +321,8 @@ def _fused_backward(
 
 
 def _read_after_write(stack: jax.Array, i: jax.Array) -> jax.Array:
-    """One element of `stack` that XLA must read from the written buffer: another layer's (XLA
-    rewrites any read of layer i after its update into a read of the old stack, which would
-    then have to be copied)."""
+    """One element XLA must read from the written `stack`: another layer's (a read of layer i
+    after its update is rewritten into a read of the old stack, which then gets copied)."""
     j = (i + 1) % stack.shape[0]
     return jax.lax.dynamic_slice(stack, (j,) + (0,) * (stack.ndim - 1), (1,) * stack.ndim)
 

@@ -146,7 +146,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Two residual blocks, attention then MLP, each behind its own RMSNorm, written as six
-    steps (see LAYER_STEPS): a norm, or the projections that read the same input."""
+    steps (see LAYER_BLOCKS): a norm, or the projections that read the same input."""
 
     cfg: LlamaConfig
 
@@ -187,22 +187,31 @@ class DecoderLayer(nn.Module):
         return h_BTD, cache
 
 
-# The decoder layer as a chain of steps, each a method of DecoderLayer mapping the previous
-# step's outputs (and positions, mask) to its own, with the modules whose weights it reads.
-# Composed they are the layer; the fused engine takes one vjp per step and updates the step's
-# weights before going on, so at most one step's gradients exist at a time.
-LAYER_STEPS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("attention_norm", (("input_layernorm",),)),
-    ("attention_in", (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"))),
-    ("attention_out", (("self_attn", "o_proj"),)),
-    ("mlp_norm", (("post_attention_layernorm",),)),
-    ("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj"))),
-    ("mlp_out", (("mlp", "down_proj"),)),
+# The decoder layer as two blocks of steps. A step is a method of DecoderLayer mapping the
+# previous step's outputs (and positions, mask) to its own, with the modules whose weights it
+# reads. Composed they are the layer. The fused engine recomputes one block at a time in the
+# backward (the MLP first, then attention) and takes one vjp per step, updating each step's
+# weights before going on, so at most one step's gradients and one block's activations exist.
+Step = tuple[str, tuple[tuple[str, ...], ...]]
+LAYER_BLOCKS: tuple[tuple[Step, ...], ...] = (
+    (
+        ("attention_norm", (("input_layernorm",),)),
+        (
+            "attention_in",
+            (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
+        ),
+        ("attention_out", (("self_attn", "o_proj"),)),
+    ),
+    (
+        ("mlp_norm", (("post_attention_layernorm",),)),
+        ("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj"))),
+        ("mlp_out", (("mlp", "down_proj"),)),
+    ),
 )
 
 
 def layer_step(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask_BTS: jax.Array):
-    """Step `name` of LAYER_STEPS as a pure function (its weights, its inputs) -> its outputs."""
+    """Step `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
         {"params": p}, *xs, positions_BT, mask_BTS, method=method
