@@ -116,14 +116,16 @@ class Attention(nn.Module):
     def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
         B, T, H, K = q_BTHK.shape
         KVH = k_BSHK.shape[2]
-        # Grouped-query attention: each KV head serves H // KVH query heads.
-        q_BTHGK = q_BTHK.reshape(B, T, KVH, H // KVH, K)
-        scores_BHGTS = jnp.einsum("bthgk,bshk->bhgts", q_BTHGK, k_BSHK).astype(jnp.float32)
+        # Grouped-query attention: each KV head serves H // KVH query heads. Heads go before
+        # positions, so every einsum is a plain batched matmul (no transposed outputs).
+        q_BHGTK = q_BTHK.reshape(B, T, KVH, H // KVH, K).transpose(0, 2, 3, 1, 4)
+        k_BHSK, v_BHSK = k_BSHK.transpose(0, 2, 1, 3), v_BSHK.transpose(0, 2, 1, 3)
+        scores_BHGTS = jnp.einsum("bhgtk,bhsk->bhgts", q_BHGTK, k_BHSK).astype(jnp.float32)
         scores_BHGTS = scores_BHGTS / np.sqrt(K).astype(np.float32)
         scores_BHGTS = jnp.where(mask_BTS[:, None, None], scores_BHGTS, jnp.finfo(jnp.float32).min)
         probs_BHGTS = jax.nn.softmax(scores_BHGTS, axis=-1).astype(v_BSHK.dtype)
-        out_BTHGK = jnp.einsum("bhgts,bshk->bthgk", probs_BHGTS, v_BSHK)
-        return self.o_proj(out_BTHGK.reshape(B, T, H * K))
+        out_BHGTK = jnp.einsum("bhgts,bhsk->bhgtk", probs_BHGTS, v_BHSK)
+        return self.o_proj(out_BHGTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H * K))
 
 
 class MLP(nn.Module):
