@@ -66,3 +66,14 @@ def test_the_check_sees_a_stack_copy():
     cfg, c16 = compile_step("sgd", 16)
     growth = c16.memory_analysis().temp_size_in_bytes - c8.memory_analysis().temp_size_in_bytes
     assert growth > 8 * B * T * cfg.hidden_size * 4 * 2
+
+
+@pytest.mark.parametrize(("batch", "seq", "ratio"), [(8, 512, 1.16), (1, 1024, 1.08)])
+def test_llama_7b_fused_adalomo_fits_the_papers_ratio(batch, seq, ratio):
+    """Issue 3's bound on the compiled plan (nothing allocated): peak <= ratio x parameters,
+    the paper's 14.58 GB over 12.55 GB of parameters at 8 x 512."""
+    from lomo_jax.config import preset
+    from lomo_jax.memory import analyze
+
+    row = analyze(preset("llama-7b"), "fused-adalomo", batch, seq)
+    assert row["peak_bytes"] <= ratio * row["param_bytes"], row["peak_over_params"]
