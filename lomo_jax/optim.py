@@ -50,7 +50,7 @@ def _rms(x: jax.Array) -> jax.Array:
 
 def prepare_grad(g: jax.Array, sc: StepScalars, clip_grad_value: float | None) -> jax.Array:
     """Unscale, clip by value, then by the global-norm coefficient, as the reference orders it."""
-    g = g.astype(jnp.float32) * (1.0 / sc.loss_scale)  # exact: the scale is a power of two
+    g = g.astype(jnp.float32) / sc.loss_scale
     if clip_grad_value is not None and clip_grad_value > 0:
         g = jnp.clip(g, -clip_grad_value, clip_grad_value)
     return g * sc.clip_coef
@@ -109,16 +109,15 @@ class AdaLomo:
             return jax.vmap(lambda p_, g_, s_: self.update(p_, g_, s_, sc))(p, g, s)
         g = prepare_grad(g, sc, self.clip_grad_value)
         beta = 1.0 - jnp.power(sc.t.astype(jnp.float32), self.decay_rate)
-        # mean(g^2) + eps1 is the reference's mean(g^2 + eps1), and never materializes g^2.
-        mean_sq = lambda axis: jnp.mean(jnp.square(g), axis=axis) + self.eps1  # noqa: E731
+        sq = g * g + self.eps1
         if p.ndim == 2:
-            row = beta * s["row"] + (1.0 - beta) * mean_sq(-1)
-            col = beta * s["col"] + (1.0 - beta) * mean_sq(-2)
+            row = beta * s["row"] + (1.0 - beta) * jnp.mean(sq, axis=-1)
+            col = beta * s["col"] + (1.0 - beta) * jnp.mean(sq, axis=-2)
             r_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))[:, None]
             u = (r_factor * jax.lax.rsqrt(col)[None, :]) * g
             s = {"row": row, "col": col}
         else:
-            v = beta * s["v"] + (1.0 - beta) * (jnp.square(g) + self.eps1)
+            v = beta * s["v"] + (1.0 - beta) * sq
             u = jax.lax.rsqrt(v) * g
             s = {"v": v}
         u = u / jnp.maximum(1.0, _rms(u) / self.clip_threshold)
