@@ -209,12 +209,13 @@ def _layer_backward(
         j = _index_after(i, after)
         return {k: w[j] for k, w in stacks.items() if any(k[: len(m)] == m for m in modules)}
 
-    # Each block's input (a plain forward: its activations are not kept).
-    inputs, xs = [], (h_i,)
-    for block in LAYER_BLOCKS:
-        inputs.append(xs)
+    # Each block's input (a plain forward of the blocks before it: its activations are not kept).
+    inputs = [(h_i,)]
+    for block in LAYER_BLOCKS[:-1]:
+        xs = inputs[-1]
         for name, modules in block:
             xs = layer_step(cfg, name, positions, mask)(unflatten_dict(weights(modules, h_i)), xs)
+        inputs.append(xs)
     dxs = (dh,)
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
@@ -308,7 +309,7 @@ def _fused_backward(
         return (p_stacks, s_stacks, dh), None
 
     p_stacks = flatten_dict(params["layers"])
-    s_stacks = {k: _subtree(opt_state["layers"], k) for k in p_stacks}
+    s_stacks = flatten_dict(opt_state["layers"], is_leaf=lambda path, _: path in p_stacks)
     idx = jnp.arange(cfg.num_hidden_layers)
     (p_stacks, s_stacks, dh0), _ = jax.lax.scan(
         update, (p_stacks, s_stacks, dh_L), (hs, idx), reverse=True
@@ -325,12 +326,6 @@ def _read_after_write(stack: jax.Array, i: jax.Array) -> jax.Array:
     after its update is rewritten into a read of the old stack, which then gets copied)."""
     j = (i + 1) % stack.shape[0]
     return jax.lax.dynamic_slice(stack, (j,) + (0,) * (stack.ndim - 1), (1,) * stack.ndim)
-
-
-def _subtree(tree, path: tuple):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def fused_step(
