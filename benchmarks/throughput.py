@@ -44,7 +44,9 @@ def jax_step(method: str, ids: np.ndarray):
     import jax.numpy as jnp
     import optax
 
-    from lomo_jax.engine import Batch, init_train_state, make_fused_step, make_optax_step
+    from lomo_jax.baseline import make_optax_step
+    from lomo_jax.engine import init_train_state, make_fused_step
+    from lomo_jax.loss import Batch
     from lomo_jax.model import init_params
     from lomo_jax.optim import AdaLomo, Lomo
     from lomo_jax.schedule import Schedule

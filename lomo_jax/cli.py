@@ -53,7 +53,8 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from lomo_jax.distributed import initialize
-    from lomo_jax.train import CONFIG_FILE, TrainConfig, train
+    from lomo_jax.rundir import CONFIG_FILE
+    from lomo_jax.train import TrainConfig, train
 
     initialize(
         getattr(a, "coordinator_address", None),
@@ -233,6 +234,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lomo_jax.atomic import OutputExistsError
     from lomo_jax.checkpoint import CheckpointError
     from lomo_jax.data import DataError
+    from lomo_jax.rundir import NotARunError
     from lomo_jax.sharding import MeshError
     from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
@@ -245,6 +247,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TokenizerError,
         DataError,
         ConfigError,
+        NotARunError,
         TaskError,
         MeshError,
         FileNotFoundError,

@@ -3,7 +3,7 @@ or SuperGLUE tasks rendered with their evaluation prompts.
 
 Every format becomes the same four [N, T] int32 arrays: input_ids, labels (-100 = no loss),
 segment_ids (0 = padding; packed documents get 1, 2, ...) and positions (restarting per
-document), which is what `engine.Batch` carries.
+document), which is what `loss.Batch` carries.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lomo_jax.engine import IGNORE, Batch
+from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")

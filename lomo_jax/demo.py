@@ -58,7 +58,8 @@ def run_demo(out: str | Path) -> None:
     from convert.synthetic import random_hf_tensors
     from lomo_jax.memory import analyze
     from lomo_jax.pretrained import from_pretrained
-    from lomo_jax.train import TrainConfig, plot_losses, train
+    from lomo_jax.progress import plot_losses
+    from lomo_jax.train import TrainConfig, train
 
     out = Path(out)
     if out.exists():

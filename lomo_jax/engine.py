@@ -32,25 +32,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lomo_jax.config import LlamaConfig
+from lomo_jax.loss import Batch, batch_inputs, next_token_targets, nll_sum, num_targets
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
-from lomo_jax.model import (
-    LAYER_BLOCKS,
-    causal_mask,
-    decoder_layer,
-    default_positions,
-    embed,
-    forward,
-    head,
-    layer_step,
-)
+from lomo_jax.model import LAYER_BLOCKS, decoder_layer, embed, head, layer_step
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
-    apply_updates,
     clip_coefficient,
     global_norm_sq,
     init_state,
@@ -58,15 +48,6 @@ from lomo_jax.optim import (
 )
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout
-
-IGNORE = -100
-
-
-class Batch(NamedTuple):
-    input_ids: jax.Array  # [B, T] int32
-    labels: jax.Array  # [B, T] int32, IGNORE where no loss; position t is predicted from < t
-    segment_ids: jax.Array | None = None  # [B, T] packed documents (0 = padding)
-    positions: jax.Array | None = None  # [B, T] RoPE positions (restart per document)
 
 
 class TrainState(NamedTuple):
@@ -96,29 +77,6 @@ def init_train_state(
     return TrainState(params, *rest(params))
 
 
-def _next_token_targets(labels_BT: jax.Array) -> jax.Array:
-    """Position t is scored on labels[t + 1]; the last position has no target."""
-    pad = jnp.full((labels_BT.shape[0], 1), IGNORE, labels_BT.dtype)
-    return jnp.concatenate([labels_BT[:, 1:], pad], axis=1)
-
-
-def _nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    valid = targets_BT != IGNORE
-    logits = logits_BTV.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets_BT, 0)[..., None], -1)[..., 0]
-    return jnp.sum((logz - picked) * valid)
-
-
-def _num_targets(labels_BT: jax.Array) -> jax.Array:
-    return jnp.maximum(1, jnp.sum(_next_token_targets(labels_BT) != IGNORE))
-
-
-def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over labels != -100, like transformers' `labels=input_ids`."""
-    return _nll_sum(logits_BTV, _next_token_targets(labels_BT)) / _num_targets(labels_BT)
-
-
 def _head_params(cfg: LlamaConfig, params) -> dict:
     key = "embed" if cfg.tie_word_embeddings else "lm_head"
     return {"norm": params["norm"], key: params[key]}
@@ -139,14 +97,14 @@ def _head_backward(
     [B, T, V] logits never exist at once."""
     B, T, D = h_BTD.shape
     n = _head_chunks(B, T, cfg.vocab_size)
-    count = _num_targets(labels_BT)
-    targets_CBT = _next_token_targets(labels_BT).reshape(B, n, T // n).transpose(1, 0, 2)
+    count = num_targets(labels_BT)
+    targets_CBT = next_token_targets(labels_BT).reshape(B, n, T // n).transpose(1, 0, 2)
     h_CBTD = h_BTD.reshape(B, n, T // n, D).transpose(1, 0, 2, 3)
 
     def body(carry, x):
         g_acc, loss_acc = carry
         h_c, t_c = x
-        nll, vjp = jax.vjp(lambda p, h: _nll_sum(head(cfg, p, h), t_c), hp, h_c)
+        nll, vjp = jax.vjp(lambda p, h: nll_sum(head(cfg, p, h), t_c), hp, h_c)
         g, dh_c = vjp(cotangent / count)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
         return (g_acc, loss_acc + nll), dh_c
@@ -154,12 +112,6 @@ def _head_backward(
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), hp)
     (g, nll), dh_CBTD = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (h_CBTD, targets_CBT))
     return nll / count, g, dh_CBTD.transpose(1, 0, 2, 3).reshape(B, T, D)
-
-
-def _inputs(batch: Batch):
-    B, T = batch.input_ids.shape
-    positions = default_positions(batch.input_ids) if batch.positions is None else batch.positions
-    return positions, causal_mask(batch.segment_ids, B, T)
 
 
 def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, vocab: int) -> jax.Array:
@@ -245,7 +197,7 @@ def _fused_backward(
 ):
     """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
     touch nothing; otherwise update every tensor as its gradient appears."""
-    positions, mask = _inputs(batch)
+    positions, mask = batch_inputs(batch)
     g_head = dict(g_head)
     g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
 
@@ -341,7 +293,7 @@ def fused_step(
 
     With a `layout` the state is sharded across its mesh (see lomo_jax.sharding)."""
     params = state.params
-    positions, mask = _inputs(batch)
+    positions, mask = batch_inputs(batch)
 
     def save_inputs(h, p):
         return decoder_layer(cfg, p, h, positions, mask), h
@@ -395,45 +347,3 @@ def make_fused_step(
     """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
     step = functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale, layout=layout)
     return jax.jit(step, donate_argnums=0)
-
-
-# ---- the standard, unfused path, for comparison ---------------------------------------------
-def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
-    """The same loss with the same checkpointing policy: only layer inputs are saved."""
-    positions, mask = _inputs(batch)
-    layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
-    h, _ = jax.lax.scan(
-        lambda h, p: (layer(p, h), None),
-        embed(cfg, params["embed"], batch.input_ids),
-        params["layers"],
-    )
-    return cross_entropy(head(cfg, params, h), batch.labels)
-
-
-def loss_fn(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
-    return cross_entropy(
-        forward(cfg, params, batch.input_ids, batch.positions, batch.segment_ids), batch.labels
-    )
-
-
-def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
-    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
-
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
-def unfused_step(
-    cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState, batch: Batch
-):
-    """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal."""
-    loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(state.params, batch)
-    sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0))
-    if rule.clip_grad_norm is not None:
-        sc = sc._replace(clip_coef=clip_coefficient(rule, jnp.sqrt(global_norm_sq(grads, 1.0))))
-    params, opt_state = apply_updates(rule, state.params, grads, state.opt_state, sc)
-    return TrainState(params, opt_state, state.step + 1, state.scale), loss

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from lomo_jax.config import LlamaConfig
 from lomo_jax.data import Rows
-from lomo_jax.engine import IGNORE, Batch, cross_entropy
+from lomo_jax.loss import IGNORE, Batch, cross_entropy
 from lomo_jax.model import forward
 from lomo_jax.sharding import Layout
 

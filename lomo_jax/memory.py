@@ -14,14 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lomo_jax.baseline import make_optax_step
 from lomo_jax.config import LlamaConfig
-from lomo_jax.engine import (
-    Batch,
-    init_train_state,
-    loss_fn,
-    make_fused_step,
-    make_optax_step,
-)
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.loss import Batch, loss_fn
 from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.model import param_shapes
 from lomo_jax.optim import AdaLomo, Lomo

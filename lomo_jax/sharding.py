@@ -180,6 +180,18 @@ class Layout:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
+    def on_mesh(self, tree: Any) -> Any:
+        """`tree` with every leaf not yet laid out on the mesh (step counters, scalars)
+        replicated there."""
+
+        def one(x):
+            s = getattr(x, "sharding", None)
+            if isinstance(s, NamedSharding) and s.mesh == self.mesh:
+                return x
+            return put(np.asarray(x), self.replicated())
+
+        return jax.tree.map(one, tree)
+
     def put_batch(self, batch: Any) -> Any:
         """A tuple of host [B, T, ...] arrays (None kept) as global arrays split over the batch."""
         return type(batch)(*(None if a is None else put(a, self.batch(a.shape)) for a in batch))

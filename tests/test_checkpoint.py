@@ -6,7 +6,8 @@ import numpy as np
 
 import lomo_jax
 from lomo_jax.checkpoint import read_params, write_params
-from lomo_jax.engine import Batch, init_train_state, make_fused_step
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.loss import Batch
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
 from tests.conftest import CONFIGS, random_ids

@@ -9,7 +9,7 @@ import pytest
 import lomo_jax
 from lomo_jax.cli import main
 from lomo_jax.data import ALPACA_NO_INPUT, build_rows
-from lomo_jax.engine import IGNORE
+from lomo_jax.loss import IGNORE
 from lomo_jax.model import forward
 from tests.conftest import data_path
 

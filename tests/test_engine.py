@@ -14,7 +14,9 @@ import transformers
 
 import lomo_jax
 from convert.layout import hf_tensors
-from lomo_jax.engine import Batch, init_train_state, make_fused_step, unfused_step
+from lomo_jax.baseline import unfused_step
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.loss import Batch, loss_fn
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
@@ -67,7 +69,7 @@ def test_fused_lomo_equals_jax_grad_sgd(clip, cfg_name):
     ref, opt_state = params, tx.init(params)
     for ids in ids_list:
         batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
-        grads = jax.grad(lomo_jax.engine.loss_fn, argnums=1)(cfg, ref, batch)
+        grads = jax.grad(loss_fn, argnums=1)(cfg, ref, batch)
         if clip is not None:  # the paper's coefficient: min(1, max_norm / (norm + 1e-6))
             coef = jnp.minimum(1.0, clip / (optax.global_norm(grads) + 1e-6))
             grads = jax.tree.map(lambda g, c=coef: g * c, grads)
@@ -127,7 +129,7 @@ def test_fused_adalomo_equals_optax_adafactor():
     opt_state = tx.init(ref)
     for ids in ids_list:
         batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
-        grads = jax.grad(lambda p, b: lomo_jax.engine.loss_fn(cfg, _restack(p), b))(ref, batch)
+        grads = jax.grad(lambda p, b: loss_fn(cfg, _restack(p), b))(ref, batch)
         updates, opt_state = tx.update(grads, opt_state, ref)
         ref = optax.apply_updates(ref, updates)
     assert_trees_close(state.params, _restack(ref), rtol=1e-5)

@@ -9,7 +9,8 @@ import yaml
 
 import lomo_jax
 from lomo_jax.cli import main
-from lomo_jax.engine import Batch, init_train_state, make_fused_step
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.loss import Batch
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout, make_mesh

@@ -1,0 +1,80 @@
+"""The unfused baselines: a full gradient tree from `jax.grad`, then an optimizer.
+
+`make_optax_step` is what `--optimizer sgd|adamw` trains with and what the benchmarks compare
+against; `unfused_step` drives the LOMO / AdaLomo rules from a full gradient tree, the reference
+the fused step must equal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lomo_jax.config import LlamaConfig
+from lomo_jax.engine import TrainState
+from lomo_jax.loss import Batch, checkpointed_loss
+from lomo_jax.optim import StepScalars, UpdateRule, apply_updates, clip_coefficient, global_norm_sq
+from lomo_jax.schedule import Schedule
+
+
+def optax_transform(
+    optimizer: str,
+    schedule: Schedule,
+    weight_decay: float = 0.0,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+) -> optax.GradientTransformation:
+    """`sgd` or `adamw` with lomo-optim's clipping order: by value, then by global norm."""
+    parts = []
+    if clip_grad_value:
+        parts.append(optax.clip(clip_grad_value))
+    if clip_grad_norm:
+        parts.append(optax.clip_by_global_norm(clip_grad_norm))
+    if optimizer == "sgd":
+        if weight_decay:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.sgd(schedule))
+    elif optimizer == "adamw":
+        parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    else:
+        raise ValueError(f"unknown optax baseline {optimizer!r}; choose sgd or adamw")
+    return optax.chain(*parts)
+
+
+def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
+    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_optax_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule):
+    """The optax step behind the fused step's interface, `(TrainState, batch) -> (state,
+    metrics)`, so the training loop and its checkpoints treat every optimizer alike."""
+    optax_step = make_optax_step(cfg, tx)
+
+    def step(state: TrainState, batch: Batch):
+        params, opt_state, loss = optax_step(state.params, state.opt_state, batch)
+        metrics = {"loss": loss, "lr": schedule(state.step)}
+        return TrainState(params, opt_state, state.step + 1, state.scale), metrics
+
+    return step
+
+
+def unfused_step(
+    cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState, batch: Batch
+):
+    """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal."""
+    loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(state.params, batch)
+    sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0))
+    if rule.clip_grad_norm is not None:
+        sc = sc._replace(clip_coef=clip_coefficient(rule, jnp.sqrt(global_norm_sq(grads, 1.0))))
+    params, opt_state = apply_updates(rule, state.params, grads, state.opt_state, sc)
+    return TrainState(params, opt_state, state.step + 1, state.scale), loss
