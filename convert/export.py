@@ -14,6 +14,7 @@ from convert.sources import numpy_to_torch
 from lomo_jax import checkpoint
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
+from lomo_jax.tokenizer import LLAMA3_BOS, LLAMA3_EOS, is_tiktoken, llama3_backend
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
 
@@ -77,25 +78,32 @@ def export_hf(
     return Path(out)
 
 
-def _export_tokenizer(files: list[Path], out: Path, cfg) -> None:
-    for f in files:
-        shutil.copy(f, out / f.name)
+def _export_tokenizer(files: list[Path], out: Path, cfg: LlamaConfig) -> None:
     names = {f.name for f in files}
-    if names == {"tokenizer.model"}:
+    if names == {"tokenizer.model"} and is_tiktoken(files[0]):
+        # Llama 3's tiktoken file: the tokenizer.json transformers' converter makes of it.
+        llama3_backend(files[0]).save(str(out / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": LLAMA3_BOS,
+            "eos_token": LLAMA3_EOS,
+            "model_input_names": ["input_ids", "attention_mask"],
+            "clean_up_tokenization_spaces": False,
+        }
+    else:
+        for f in files:
+            shutil.copy(f, out / f.name)
+        if names != {"tokenizer.model"}:
+            return
         # A bare SentencePiece model: tell transformers which class reads it.
-        (out / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "LlamaTokenizer",
-                    "bos_token": "<s>",
-                    "eos_token": "</s>",
-                    "unk_token": "<unk>",
-                    "add_bos_token": True,
-                    "add_eos_token": False,
-                    "legacy": True,
-                    "model_max_length": cfg.max_position_embeddings,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": True,
+        }
+    config["model_max_length"] = cfg.max_position_embeddings
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

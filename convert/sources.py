@@ -150,6 +150,31 @@ META_TO_HF = {
     "ffn_norm": "post_attention_layernorm",
 }
 _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+META_BUFFERS = {"rope.freqs"}  # Llama 1/2's RoPE table: recomputed from the config
+LLAMA3_VOCAB = 128000  # Llama 3's tiktoken vocabulary; Llama 1/2 have 32000
+# The context and end-of-sequence ids transformers' convert_llama_weights_to_hf.py writes for each
+# release (--llama_version); Llama 3 stops at <|end_of_text|>, <|eom_id|> and <|eot_id|>.
+META_CONTEXT = {"1": 2048, "2": 4096, "3": 8192, "3.1": 131072, "3.2": 131072}
+LLAMA3_EOS = [128001, 128008, 128009]
+
+
+def meta_release(p: dict, vocab: int, tied: bool) -> str:
+    """The Llama release a params.json comes from (it does not say): 3.1 and later mark their
+    scaled RoPE, of those only 3.2 (1B, 3B) ties the output to the embedding, Llama 3 has a 128k
+    vocabulary, and Llama 2 normalizes with eps 1e-5 where LLaMA-1 used 1e-6."""
+    if p.get("use_scaled_rope"):
+        return "3.2" if tied else "3.1"
+    if vocab >= LLAMA3_VOCAB:
+        return "3"
+    return "1" if p.get("norm_eps", 1e-5) < 1e-5 else "2"
+
+
+def _meta_tied(first: dict) -> bool:
+    """A tied model's state dict holds `output.weight` equal to (saved as) the embedding."""
+    import torch
+
+    out, emb = first.get("output.weight"), first["tok_embeddings.weight"]
+    return out is not None and torch.equal(out[:1], emb[:1]) and torch.equal(out, emb)
 
 
 def _meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -172,9 +197,12 @@ def read_meta(d: Path) -> Source:
     if vocab is None or vocab <= 0:  # old params.json leave it to the tokenizer
         vocab = first["tok_embeddings.weight"].shape[0]
     n_heads = p.get("n_heads")
-    llama3 = vocab >= 128000
+    tied = _meta_tied(first)
 
     def make():
+        release = meta_release(p, vocab, tied)
+        llama3 = release.startswith("3")
+        theta = p.get("rope_theta", 10000.0)
         return LlamaConfig(
             vocab_size=vocab,
             hidden_size=p["dim"],
@@ -185,28 +213,35 @@ def read_meta(d: Path) -> Source:
                 p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")
             ),
             rms_norm_eps=p.get("norm_eps", 1e-5),
-            rope_theta=p.get("rope_theta", 10000.0),
+            rope_theta=theta,
             rope_scaling=(
                 {
                     "rope_type": "llama3",
-                    "factor": 8.0,
+                    "factor": 32.0 if release == "3.2" else 8.0,
                     "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192,
                 }
-                if p.get("use_scaled_rope")
+                if release in ("3.1", "3.2")
                 else None
             ),
+            # Code Llama (Llama 2 with a larger rope_theta) reads 16k tokens.
+            max_position_embeddings=16384
+            if theta > 10000 and not llama3
+            else META_CONTEXT[release],
+            tie_word_embeddings=tied,
             bos_token_id=128000 if llama3 else 1,
-            eos_token_id=128001 if llama3 else 2,
+            eos_token_id=LLAMA3_EOS if llama3 else 2,
         )
 
     cfg = _config(params_path, make)
-    split = dict(META_SPLIT_AXIS, tok_embeddings=0 if llama3 else 1)
+    split = dict(META_SPLIT_AXIS, tok_embeddings=0 if vocab >= LLAMA3_VOCAB else 1)
 
     def tensors():
         parts = [first] + [_torch_load(s) for s in shards[1:]]
         for name in parts[0]:
+            if name in META_BUFFERS:
+                continue
             pieces = []
             for shard, part in zip(shards, parts):
                 if name not in part:
@@ -247,24 +282,118 @@ def _meta_to_hf(name: str, a: np.ndarray, cfg: LlamaConfig) -> tuple[str, np.nda
     return f"model.layers.{i}.{META_TO_HF[kind]}.weight", a
 
 
-# ---- llama2.c (.bin, legacy header) ---------------------------------------------------------
-_L2C_HEADER = struct.Struct("<7i")
+# ---- llama2.c (.bin: the legacy format, or export.py --version 1 / 2) -------------------------
+_L2C_PARAMS = struct.Struct("<7i")  # dim, hidden, layers, heads, kv heads, vocab, max seq len
+_L2C_MAGIC = 0x616B3432  # "ak42", then the version: the 256-byte header of versions 1 and 2
+_L2C_HEADER_BYTES = 256
+_L2C_NAMES = {
+    "rms_att": "input_layernorm",
+    "wq": "self_attn.q_proj",
+    "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj",
+    "rms_ffn": "post_attention_layernorm",
+    "w1": "mlp.gate_proj",
+    "w2": "mlp.down_proj",
+    "w3": "mlp.up_proj",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _L2CHeader:
+    version: int  # 0: legacy
+    params: tuple[int, ...]  # _L2C_PARAMS, vocab positive
+    shared: bool  # the classifier is the embedding
+    group_size: int  # of version 2's Q8_0 quantization
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return f"version {self.version}" if self.version else "legacy"
+
+
+def _llama2c_header(f: Path) -> _L2CHeader:
+    with open(f, "rb") as fh:
+        head = fh.read(_L2C_HEADER_BYTES)
+    if len(head) >= 8 and struct.unpack_from("<I", head)[0] == _L2C_MAGIC:
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version not in (1, 2):
+            raise ConversionError(
+                f,
+                f"llama2.c export version {version} is not supported "
+                "(the legacy format and versions 1 and 2 are)",
+            )
+        if len(head) < _L2C_HEADER_BYTES:
+            raise ConversionError(f, f"file too short for a llama2.c version {version} header")
+        group = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+        params = _L2C_PARAMS.unpack_from(head, 8)
+        return _L2CHeader(version, params, head[36] != 0, group, _L2C_HEADER_BYTES)
+    if len(head) < _L2C_PARAMS.size:
+        raise ConversionError(f, "file too short for a llama2.c header")
+    *params, vocab, seq_len = _L2C_PARAMS.unpack_from(head)
+    # The legacy header's sign of vocab_size says whether the classifier is shared.
+    return _L2CHeader(0, (*params, abs(vocab), seq_len), vocab > 0, 0, _L2C_PARAMS.size)
+
+
+def _llama2c_layout(h: _L2CHeader) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, stored as: f32 / q8 / skip) of each array, in file order."""
+    dim, hidden, L, n_heads, n_kv, vocab, seq_len = h.params
+    head_dim = dim // n_heads
+    kv = n_kv * head_dim
+    shapes = {
+        "embed": (vocab, dim),
+        "rms_att": (L, dim),
+        "wq": (L, dim, dim),
+        "wk": (L, kv, dim),
+        "wv": (L, kv, dim),
+        "wo": (L, dim, dim),
+        "rms_ffn": (L, dim),
+        "w1": (L, hidden, dim),
+        "w2": (L, dim, hidden),
+        "w3": (L, hidden, dim),
+        "rms_final": (dim,),
+        "rope": (2, seq_len, head_dim // 2),  # the legacy cos / sin tables, recomputed
+        "wcls": (vocab, dim),
+    }
+    cls = [] if h.shared else ["wcls"]
+    if h.version == 0:
+        order = ["embed", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3"]
+        order += ["rms_final", "rope", *cls]
+        return [(k, shapes[k], "skip" if k == "rope" else "f32") for k in order]
+    matrices = "f32" if h.version == 1 else "q8"
+    return [(k, shapes[k], "f32") for k in ("rms_att", "rms_ffn", "rms_final")] + [
+        (k, shapes[k], matrices) for k in ("embed", "wq", "wk", "wv", "wo", "w1", "w2", "w3", *cls)
+    ]
+
+
+def _stored_bytes(shape: tuple[int, ...], kind: str, group_size: int) -> int:
+    n = int(np.prod(shape))
+    # Q8_0: an int8 per value and a float32 scale per group.
+    return n + 4 * (n // group_size) if kind == "q8" else 4 * n
+
+
+def _dequantize_q80(buf, offset: int, shape: tuple[int, ...], group_size: int) -> np.ndarray:
+    """Version 2 matrices: per layer, int8 values then float32 group scales (runq.c's layout)."""
+    layers = shape[0] if len(shape) == 3 else 1
+    n = int(np.prod(shape)) // layers
+    out = np.empty((layers, n // group_size, group_size), np.float32)
+    for i in range(layers):
+        q = np.frombuffer(buf, np.int8, n, offset).reshape(-1, group_size)
+        scale = np.frombuffer(buf, "<f4", n // group_size, offset + n)
+        np.multiply(q, scale[:, None], out=out[i])
+        offset += n + 4 * (n // group_size)
+    return out.reshape(shape)
 
 
 def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
     if not f.is_file():
         raise ConversionError(f, "file not found")
-    with open(f, "rb") as fh:
-        header = fh.read(_L2C_HEADER.size)
-    if len(header) < _L2C_HEADER.size:
-        raise ConversionError(f, "file too short for a llama2.c header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _L2C_HEADER.unpack(header)
-    if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or vocab == 0:
+    h = _llama2c_header(f)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = h.params
+    if min(h.params) <= 0:
         raise ConversionError(
             f, f"not a llama2.c checkpoint (header {dim, hidden, n_layers, n_heads})"
         )
-    shared = vocab > 0
-    vocab = abs(vocab)
     cfg = _config(
         f,
         lambda: LlamaConfig(
@@ -276,60 +405,34 @@ def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
             num_key_value_heads=n_kv,
             rms_norm_eps=1e-5,
             max_position_embeddings=seq_len,
-            tie_word_embeddings=shared,
+            tie_word_embeddings=h.shared,
         ),
     )
-    kv = n_kv * (dim // n_heads)
-    L = n_layers
-    # (name, shape); HF names are attached after slicing per layer.
-    layout = [
-        ("embed", (vocab, dim)),
-        ("rms_att", (L, dim)),
-        ("wq", (L, dim, dim)),
-        ("wk", (L, kv, dim)),
-        ("wv", (L, kv, dim)),
-        ("wo", (L, dim, dim)),
-        ("rms_ffn", (L, dim)),
-        ("w1", (L, hidden, dim)),
-        ("w2", (L, dim, hidden)),
-        ("w3", (L, hidden, dim)),
-        ("rms_final", (dim,)),
-    ]
-    head_dim = dim // n_heads
-    rope_tables = 2 * seq_len * (head_dim // 2)
-    n_floats = sum(int(np.prod(s)) for _, s in layout) + rope_tables
-    if not shared:
-        layout.append(("wcls", (vocab, dim)))
-        n_floats += vocab * dim
-    expected = _L2C_HEADER.size + 4 * n_floats
+    layout = _llama2c_layout(h)
+    if h.version == 2:
+        per_matrix = [int(np.prod(s[-2:])) for _, s, kind in layout if kind == "q8"]
+        if h.group_size <= 0 or any(n % h.group_size for n in per_matrix):
+            raise ConversionError(f, f"invalid llama2.c version 2 group size {h.group_size}")
+    expected = h.nbytes + sum(_stored_bytes(s, kind, h.group_size) for _, s, kind in layout)
     size = f.stat().st_size
     if size != expected:
         raise ConversionError(
             f,
-            f"file is {size} bytes, the header implies {expected} "
+            f"file is {size} bytes, its llama2.c {h.name} header implies {expected} "
             f"({'truncated' if size < expected else 'trailing data'})",
         )
-    names = {
-        "rms_att": "input_layernorm",
-        "wq": "self_attn.q_proj",
-        "wk": "self_attn.k_proj",
-        "wv": "self_attn.v_proj",
-        "wo": "self_attn.o_proj",
-        "rms_ffn": "post_attention_layernorm",
-        "w1": "mlp.gate_proj",
-        "w2": "mlp.down_proj",
-        "w3": "mlp.up_proj",
-    }
 
     def tensors():
-        data = np.memmap(f, dtype="<f4", mode="r", offset=_L2C_HEADER.size)
-        offset = 0
-        for key, shape in layout:
-            n = int(np.prod(shape))
-            a = np.asarray(data[offset : offset + n]).reshape(shape)
-            offset += n
-            if key == "rms_final":
-                offset += rope_tables  # the legacy freq_cis tables sit between rms_final and wcls
+        data = np.memmap(f, dtype=np.uint8, mode="r")
+        offset = h.nbytes
+        for key, shape, kind in layout:
+            if kind == "f32":
+                a = np.frombuffer(data, "<f4", int(np.prod(shape)), offset).reshape(shape)
+            elif kind == "q8":
+                a = _dequantize_q80(data, offset, shape, h.group_size)
+            offset += _stored_bytes(shape, kind, h.group_size)
+            if kind == "skip":
+                continue
             if key == "embed":
                 yield str(f), "model.embed_tokens.weight", a
             elif key == "rms_final":
@@ -337,13 +440,13 @@ def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
             elif key == "wcls":
                 yield str(f), "lm_head.weight", a
             else:
-                for i in range(L):
+                for i in range(n_layers):
                     w = a[i]
                     if key == "wq":
                         w = meta_to_hf_rows(w, n_heads)
                     elif key == "wk":
                         w = meta_to_hf_rows(w, n_kv)
-                    yield str(f), f"model.layers.{i}.{names[key]}.weight", w
+                    yield str(f), f"model.layers.{i}.{_L2C_NAMES[key]}.weight", w
 
     toks = [tokenizer] if tokenizer else []
     return Source(f, cfg, tensors, toks, np.dtype(np.float32))

@@ -77,6 +77,9 @@ class LlamaConfig:
         model_type = d.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"model_type is {model_type!r}, not 'llama'")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # transformers' names of the one activation we compute
+            raise ValueError(f"hidden_act {act!r} is not supported (the model computes silu)")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in fields}
         scaling = kwargs.get("rope_scaling")

@@ -1,14 +1,83 @@
-"""One small interface over the two tokenizer kinds LLaMA checkpoints ship: a SentencePiece
-`tokenizer.model`, or a Hugging Face `tokenizer.json` directory."""
+"""One small interface over the tokenizer kinds LLaMA checkpoints ship: a SentencePiece
+`tokenizer.model` (Llama 1/2), a tiktoken `tokenizer.model` (Llama 3), or a Hugging Face
+`tokenizer.json` directory."""
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 
 class TokenizerError(ValueError):
     pass
+
+
+# Meta's names of Llama 3's 256 special tokens, numbered after the BPE ranks (its tokenizer.py
+# from 3.1 on; 3.0 had the same ids for the tokens it used and left the others reserved).
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 256 - 8)]
+LLAMA3_BOS, LLAMA3_EOS = LLAMA3_SPECIAL_TOKENS[:2]
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
+
+
+def is_tiktoken(path: Path) -> bool:
+    """A tiktoken BPE file is text, `base64(token) rank` a line; SentencePiece is a protobuf."""
+    with open(path, "rb") as f:
+        return _TIKTOKEN_LINE.fullmatch(f.readline(1024).rstrip(b"\r\n")) is not None
+
+
+def read_tiktoken_bpe(path: Path) -> dict[bytes, int]:
+    """The ranks of a tiktoken file (tiktoken's own loader caches local files by path name)."""
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # binascii.Error is one
+            raise TokenizerError(f"{path}: line {n} is not a tiktoken `base64 rank` line") from None
+    return ranks
+
+
+def llama3_backend(path: Path):
+    """Llama 3's tiktoken file as the `tokenizers` BPE transformers' converter makes of it
+    (convert_llama_weights_to_hf.py's Llama3Converter): byte-level BPE, Meta's special tokens,
+    BOS prepended on encode."""
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = read_tiktoken_bpe(path)
+
+    class Converter(TikTokenConverter):  # the ranks read above, not tiktoken's cached loader
+        @staticmethod
+        def load_tiktoken_bpe(_):
+            return ranks
+
+    backend = Converter(str(path), extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
+    bos = (LLAMA3_BOS, backend.token_to_id(LLAMA3_BOS))
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos[0]} $A", pair=f"{bos[0]}:0 $A:0 {bos[0]}:1 $B:1", special_tokens=[bos]
+            ),
+        ]
+    )
+    return backend
 
 
 class Tokenizer:
@@ -74,14 +143,27 @@ class Tokenizer:
             files,
         )
 
+    @classmethod
+    def from_tiktoken(cls, path: Path) -> Tokenizer:
+        """Llama 3's `tokenizer.model`; BOS <|begin_of_text|>, EOS <|end_of_text|>."""
+        backend = llama3_backend(path)
+        return cls(
+            lambda s: backend.encode(s, add_special_tokens=False).ids,
+            lambda ids: backend.decode(ids, skip_special_tokens=True),
+            backend.get_vocab_size(),
+            backend.token_to_id(LLAMA3_BOS),
+            backend.token_to_id(LLAMA3_EOS),
+            [path],
+        )
+
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """`path`: a SentencePiece `.model`, or a directory holding tokenizer files."""
+    """`path`: a SentencePiece or tiktoken `.model`, or a directory holding tokenizer files."""
     p = Path(path)
     if p.is_file():
-        return Tokenizer.from_sentencepiece(p)
+        return Tokenizer.from_tiktoken(p) if is_tiktoken(p) else Tokenizer.from_sentencepiece(p)
     if (p / "tokenizer.json").exists():
         return Tokenizer.from_hf(p)
     if (p / "tokenizer.model").exists():
-        return Tokenizer.from_sentencepiece(p / "tokenizer.model")
+        return load_tokenizer(p / "tokenizer.model")
     raise TokenizerError(f"{p}: no tokenizer.model or tokenizer.json found")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convert.export import write_hf
-from convert.synthetic import random_hf_tensors, write_meta
+from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
 from tests.conftest import CONFIGS, make_hf_dir
 
@@ -69,6 +69,15 @@ def hf_not_llama(tmp):
     return d, "config.json", "model_type is 'mistral', not 'llama'"
 
 
+def hf_unsupported_activation(tmp):
+    """transformers would run this model with GELU; ours computes SiLU: refuse, not import."""
+    d = make_hf_dir(tmp / "src", CFG)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_act"] = "gelu"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, "config.json", "hidden_act 'gelu' is not supported"
+
+
 def hf_bad_json(tmp):
     d = make_hf_dir(tmp / "src", CFG)
     (d / "config.json").write_text("{not json")
@@ -88,6 +97,33 @@ def llama2c_truncated(tmp):
     return f, "model.bin", "truncated"
 
 
+def llama2c_v1_truncated(tmp):
+    """A version-1 export cut short: the message gives its size and the one its header implies."""
+    f = write_llama2c(tmp / "model.bin", CFG, random_hf_tensors(CFG), version=1)
+    full = f.stat().st_size
+    truncate(f, keep=0.75)
+    return (
+        f,
+        "model.bin",
+        f"is {f.stat().st_size} bytes, its llama2.c version 1 header implies {full}",
+    )
+
+
+def llama2c_v2_trailing_data(tmp):
+    f = write_llama2c(tmp / "model.bin", CFG, random_hf_tensors(CFG), version=2, group_size=32)
+    full = f.stat().st_size
+    f.write_bytes(f.read_bytes() + bytes(8))
+    return f, "model.bin", f"is {full + 8} bytes, its llama2.c version 2 header implies {full}"
+
+
+def llama2c_unknown_version(tmp):
+    f = write_llama2c(tmp / "model.bin", CFG, random_hf_tensors(CFG), version=1)
+    data = bytearray(f.read_bytes())
+    data[4:8] = np.int32(3).tobytes()
+    f.write_bytes(bytes(data))
+    return f, "model.bin", "llama2.c export version 3 is not supported"
+
+
 def missing_source(tmp):
     return tmp / "nowhere", "nowhere", "no such file or directory"
 
@@ -99,9 +135,13 @@ CASES = [
     hf_missing_tensor,
     hf_wrong_shape,
     hf_not_llama,
+    hf_unsupported_activation,
     hf_bad_json,
     meta_truncated_shard,
     llama2c_truncated,
+    llama2c_v1_truncated,
+    llama2c_v2_trailing_data,
+    llama2c_unknown_version,
     missing_source,
 ]
 
