@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,35 +40,46 @@ def is_tiktoken(path: Path) -> bool:
         return _TIKTOKEN_LINE.fullmatch(f.readline(1024).rstrip(b"\r\n")) is not None
 
 
-def read_tiktoken_bpe(path: Path) -> dict[bytes, int]:
-    """The ranks of a tiktoken file (tiktoken's own loader caches local files by path name)."""
-    ranks = {}
-    for n, line in enumerate(path.read_bytes().splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:  # binascii.Error is one
-            raise TokenizerError(f"{path}: line {n} is not a tiktoken `base64 rank` line") from None
-    return ranks
-
-
 def llama3_backend(path: Path):
     """Llama 3's tiktoken file as the `tokenizers` BPE transformers' converter makes of it
     (convert_llama_weights_to_hf.py's Llama3Converter): byte-level BPE, Meta's special tokens,
-    BOS prepended on encode."""
+    BOS prepended on encode. Cached by content: converting 128k ranks takes seconds."""
+    try:
+        return _llama3_backend(path.read_bytes())
+    except _BadLine as e:
+        raise TokenizerError(f"{path}: line {e} is not a tiktoken `base64 rank` line") from None
+
+
+class _BadLine(ValueError):
+    pass
+
+
+def _tiktoken_ranks(data: bytes) -> dict[bytes, int]:
+    """tiktoken's file format, read here: tiktoken's own loader caches local files by name."""
+    ranks = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if line:
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # binascii.Error is one
+                raise _BadLine(n) from None
+    return ranks
+
+
+@functools.lru_cache(maxsize=1)
+def _llama3_backend(data: bytes):
     from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    ranks = read_tiktoken_bpe(path)
+    ranks = _tiktoken_ranks(data)
 
-    class Converter(TikTokenConverter):  # the ranks read above, not tiktoken's cached loader
+    class Converter(TikTokenConverter):
         @staticmethod
         def load_tiktoken_bpe(_):
             return ranks
 
-    backend = Converter(str(path), extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
+    backend = Converter(extra_special_tokens=LLAMA3_SPECIAL_TOKENS).converted()
     bos = (LLAMA3_BOS, backend.token_to_id(LLAMA3_BOS))
     backend.post_processor = processors.Sequence(
         [

@@ -186,6 +186,16 @@ def test_bad_tokenizer_fails_cleanly(tmp_path, capsys):
     assert "tokenizer.model" in err and "not a SentencePiece model" in err
 
 
+def test_damaged_tiktoken_tokenizer_fails_cleanly(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_bytes(b"IQ== 0\nIg== 1\nIw== two\n")  # Llama 3's tiktoken format, line 3 damaged
+    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 0
+    assert main(["generate", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tokenizer.model: line 3 is not a tiktoken" in err
+
+
 def test_damaged_checkpoint_index_fails_cleanly(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "src", CFG)
     assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0

@@ -137,7 +137,10 @@ def transformers_conversion(meta, version: str) -> transformers.LlamaForCausalLM
 @pytest.mark.parametrize("version", ["3", "3.1", "3.2"])
 def test_meta_llama3_matches_transformers_conversion_at_position_4096(tmp_path, version):
     cfg = llama3_config(version)
-    meta = write_meta(tmp_path / "meta", cfg, random_hf_tensors(cfg, 7), multiple_of=32)
+    # Weights large enough for attention to depend on RoPE (at std 0.02 it is nearly uniform, and
+    # RoPE factor 8 instead of 32 moves these logits by 2e-6 only; at 0.3 by 3.5e-2).
+    tensors = random_hf_tensors(cfg, 7, std=0.3)
+    meta = write_meta(tmp_path / "meta", cfg, tensors, multiple_of=32)
     ours = lomo_jax.from_pretrained(meta)
     theirs = transformers_conversion(meta, version)
     ref = theirs.config
