@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -67,6 +68,13 @@ def any_config(request) -> LlamaConfig:
 
 def make_hf_dir(path: Path, cfg: LlamaConfig, seed: int = 0, dtype=np.float32, **kw) -> Path:
     return write_hf(path, cfg, random_hf_tensors(cfg, seed, dtype), **kw)
+
+
+def edit_config(model_dir: Path, **changes) -> Path:
+    """`model_dir` with `changes` merged into its config.json."""
+    f = model_dir / "config.json"
+    f.write_text(json.dumps(json.loads(f.read_text()) | changes))
+    return model_dir
 
 
 def random_ids(cfg: LlamaConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from convert.export import write_hf
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
-from tests.conftest import CONFIGS, make_hf_dir
+from tests.conftest import CONFIGS, edit_config, make_hf_dir
 
 CFG = CONFIGS["gqa"]
 
@@ -71,10 +71,7 @@ def hf_not_llama(tmp):
 
 def hf_unsupported_activation(tmp):
     """transformers would run this model with GELU; ours computes SiLU: refuse, not import."""
-    d = make_hf_dir(tmp / "src", CFG)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["hidden_act"] = "gelu"
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = edit_config(make_hf_dir(tmp / "src", CFG), hidden_act="gelu")
     return d, "config.json", "hidden_act 'gelu' is not supported"
 
 

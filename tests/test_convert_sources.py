@@ -17,7 +17,7 @@ from convert.layout import hf_tensors
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta, write_tiktoken_bpe
 from lomo_jax.cli import main
 from lomo_jax.model import forward
-from tests.conftest import CONFIGS, data_path, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir, random_ids
 
 
 def hf_logits(model_dir, ids):
@@ -29,9 +29,7 @@ def hf_logits(model_dir, ids):
 @pytest.mark.parametrize("act", ["silu", "swish"])
 def test_hf_activations_transformers_computes_as_silu_import(tmp_path, act):
     cfg = CONFIGS["gqa"]
-    src = make_hf_dir(tmp_path / "hf", cfg)
-    config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(config | {"hidden_act": act}))
+    src = edit_config(make_hf_dir(tmp_path / "hf", cfg), hidden_act=act)
     ids = random_ids(cfg, 1, 8)
     ours = lomo_jax.from_pretrained(src)
     np.testing.assert_allclose(np.asarray(ours(ids)), hf_logits(src, ids), atol=1e-4, rtol=0)
