@@ -27,7 +27,8 @@ def hf_logits(model_dir, ids):
 
 
 @pytest.mark.parametrize("act", ["silu", "swish"])
-def test_hf_activations_transformers_computes_as_silu_import(tmp_path, act):
+def test_hf_silu_and_swish_import_as_transformers_computes_them(tmp_path, act):
+    """The names transformers maps to SiLU import; any other activation is refused (bad input)."""
     cfg = CONFIGS["gqa"]
     src = edit_config(make_hf_dir(tmp_path / "hf", cfg), hidden_act=act)
     ids = random_ids(cfg, 1, 8)
