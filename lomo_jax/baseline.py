@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import TrainState
 from lomo_jax.loss import Batch, checkpointed_loss
@@ -52,7 +53,7 @@ def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jit(step, donate_argnums=(0, 1))
 
 
 def make_optax_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule):

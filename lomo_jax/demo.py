@@ -14,9 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig, preset
 
 log = logging.getLogger("lomo_jax")
@@ -48,7 +48,7 @@ def next_token_accuracy(cfg: LlamaConfig, params, rows: np.ndarray) -> float:
     """How often the argmax predicts the next digit, from the third on (the first two are free)."""
     from lomo_jax.model import forward
 
-    logits = np.asarray(jax.jit(forward, static_argnums=0)(cfg, params, rows))
+    logits = np.asarray(jit(forward, static_argnums=0)(cfg, params, rows))
     return float((logits[:, 1:-1].argmax(-1) == rows[:, 2:]).mean())
 
 

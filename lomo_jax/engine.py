@@ -4,14 +4,18 @@ JAX has no backward hooks, so the backward pass is written out:
 
 1. forward: `lax.scan` over the stacked layers, saving only each layer's input h_i
    (activation checkpointing at layer boundaries);
-2. head: vjp of final norm + lm_head + cross-entropy, over sequence chunks so the [B, T, V]
-   logits never exist at once; the head is updated at once;
+2. head: loss and gradients of final norm + lm_head over vocabulary pieces
+   (`loss.head_loss_and_grads`), so the [B, T, V] logits never exist; the head is updated at
+   once;
 3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, one step of
    `model.LAYER_BLOCKS` at a time (a norm, or the projections reading one input); walking the
    steps back, update each step's weights and optimizer state in the carried (donated) stacks
    before the next step's gradients are computed; pass dh_i down;
-4. embedding: the gradient is a scatter-add of dh_0 into its rows (plus the head's gradient when
-   the table is tied: one update with the sum).
+4. embedding: the gradient is dh_0 summed per token id into its rows (plus the head's gradient
+   when the table is tied: one update with the sum).
+
+Gradients have the weights' dtype, as in the paper's PyTorch code (a bfloat16 model's `.grad` is
+bfloat16); the rules do their arithmetic in float32.
 
 Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
 layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
@@ -34,10 +38,12 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from lomo_jax import blocks
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.loss import Batch, batch_inputs, next_token_targets, nll_sum, num_targets
+from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
-from lomo_jax.model import LAYER_BLOCKS, decoder_layer, embed, head, layer_step
+from lomo_jax.model import LAYER_BLOCKS, decoder_layer, embed, layer_step
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
@@ -82,41 +88,33 @@ def _head_params(cfg: LlamaConfig, params) -> dict:
     return {"norm": params["norm"], key: params[key]}
 
 
-def _head_chunks(batch: int, length: int, vocab: int, max_logit_bytes: int = 64 * 2**20) -> int:
-    """How many pieces to split the sequence into so one piece's float32 logits stay small."""
-    n = 1
-    while batch * (length // n) * vocab * 4 > max_logit_bytes and length % (2 * n) == 0:
-        n *= 2
-    return n
+def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_head=None):
+    """The table's gradient in its own dtype (as a framework's `.grad`), plus the tied head's
+    gradient `g_head` when given. The rows of repeated ids are summed in float32 first, so each
+    row is rounded once; the table is filled one block of columns at a time, so no float32
+    [V, D] table exists (XLA:CPU scatters into 16-bit arrays through a float32 copy)."""
+    V, D = table.shape
+    ids_N = ids_BT.reshape(-1)
+    n = ids_N.shape[0]
+    order_N = jnp.argsort(ids_N)
+    sorted_N = ids_N[order_N]
+    first_N = jnp.concatenate([jnp.ones(1, bool), sorted_N[1:] != sorted_N[:-1]])
+    segment_N = jnp.cumsum(first_N) - 1
+    sums_ND = jax.ops.segment_sum(
+        dh_BTD.reshape(n, D)[order_N].astype(jnp.float32), segment_N, num_segments=n
+    )
+    # Row of each segment; the segments past the last id keep V, out of range (dropped).
+    rows_N = jnp.full(n, V, ids_N.dtype).at[segment_N].set(sorted_N)
+    nb, bd = blocks.even_blocks(D, blocks.BLOCK_BYTES // (4 * V))
 
+    def fill(g, j):  # a block's overlap with the one before is already filled: keep it
+        old = blocks.take(g, j, bd, 1)
+        new = old.astype(jnp.float32).at[rows_N].add(blocks.take(sums_ND, j, bd, 1), mode="drop")
+        keep = jnp.where(blocks.own(j, bd, D), new.astype(g.dtype), old)
+        return blocks.put(g, keep, j, 1), None
 
-def _head_backward(
-    cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, labels_BT: jax.Array, cotangent: jax.Array
-):
-    """Loss, the head's gradients (float32) and dh, computed over sequence chunks so the full
-    [B, T, V] logits never exist at once."""
-    B, T, D = h_BTD.shape
-    n = _head_chunks(B, T, cfg.vocab_size)
-    count = num_targets(labels_BT)
-    targets_CBT = next_token_targets(labels_BT).reshape(B, n, T // n).transpose(1, 0, 2)
-    h_CBTD = h_BTD.reshape(B, n, T // n, D).transpose(1, 0, 2, 3)
-
-    def body(carry, x):
-        g_acc, loss_acc = carry
-        h_c, t_c = x
-        nll, vjp = jax.vjp(lambda p, h: nll_sum(head(cfg, p, h), t_c), hp, h_c)
-        g, dh_c = vjp(cotangent / count)
-        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        return (g_acc, loss_acc + nll), dh_c
-
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), hp)
-    (g, nll), dh_CBTD = jax.lax.scan(body, (zeros, jnp.float32(0.0)), (h_CBTD, targets_CBT))
-    return nll / count, g, dh_CBTD.transpose(1, 0, 2, 3).reshape(B, T, D)
-
-
-def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, vocab: int) -> jax.Array:
-    g = jnp.zeros((vocab, dh_BTD.shape[-1]), jnp.float32)
-    return g.at[ids_BT.reshape(-1)].add(dh_BTD.reshape(-1, dh_BTD.shape[-1]).astype(jnp.float32))
+    g = jnp.zeros(table.shape, table.dtype) if g_head is None else g_head
+    return jax.lax.scan(fill, g, jnp.arange(nb))[0]
 
 
 def _all_finite(tree) -> jax.Array:
@@ -202,8 +200,7 @@ def _fused_backward(
     g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
 
     def embedding_grad(dh0):
-        g = _embedding_grad(batch.input_ids, dh0, cfg.vocab_size)
-        return g if g_head_emb is None else g + g_head_emb
+        return _embedding_grad(batch.input_ids, dh0, params["embed"]["embedding"], g_head_emb)
 
     def backward(consume, acc, stacks, i, h_i, dh):
         return _layer_backward(cfg, stacks, i, h_i, dh, positions, mask, consume, acc, layout)
@@ -302,7 +299,7 @@ def fused_step(
         save_inputs, embed(cfg, params["embed"], batch.input_ids), params["layers"]
     )
     # Gradients of loss * scale (scale = 1 unless float16).
-    loss, g_head, dh_L = _head_backward(
+    loss, g_head, dh_L = head_loss_and_grads(
         cfg, _head_params(cfg, params), h_L, batch.labels, state.scale.scale
     )
     sc = StepScalars(
@@ -346,4 +343,4 @@ def make_fused_step(
 ):
     """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
     step = functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale, layout=layout)
-    return jax.jit(step, donate_argnums=0)
+    return jit(step, devices=layout and layout.mesh.devices.flat, donate_argnums=0)

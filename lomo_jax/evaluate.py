@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
-import jax.numpy as jnp
-
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.data import Rows
-from lomo_jax.loss import IGNORE, Batch, cross_entropy
-from lomo_jax.model import forward
+from lomo_jax.loss import eval_nll
 from lomo_jax.sharding import Layout
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _nll_and_count(cfg: LlamaConfig, params, batch: Batch):
-    logits = forward(cfg, params, batch.input_ids, batch.positions, batch.segment_ids)
-    count = jnp.sum(batch.labels[:, 1:] != IGNORE)
-    return cross_entropy(logits, batch.labels) * jnp.maximum(count, 1), count
+_nll_and_count = jit(eval_nll, static_argnums=0)
 
 
 def evaluate_loss(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
 
@@ -46,7 +47,7 @@ def _sample(logits_BV, key, temperature: float, top_p: float):
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(3,))
+@functools.partial(jit, static_argnums=(0, 4, 5), donate_argnums=(3,))
 def _step(cfg, params, ids_BT, cache, temperature, top_p, index, key):
     logits_BV, cache = _run_layers(cfg, params, ids_BT, cache, index)
     return _sample(logits_BV, key, temperature, top_p), cache

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from lomo_jax.baseline import make_optax_step
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import init_train_state, make_fused_step
-from lomo_jax.loss import Batch, loss_fn
+from lomo_jax.loss import Batch, eval_nll
 from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.model import param_shapes
 from lomo_jax.optim import AdaLomo, Lomo
@@ -63,7 +64,8 @@ def lower(
         ids = _abstract(ids, layout.batch(ids.shape))
     batch = Batch(ids, ids)
     if method == "inference":
-        return jax.jit(functools.partial(loss_fn, cfg)).lower(params, batch), params
+        devices = layout and layout.mesh.devices.flat
+        return jit(functools.partial(eval_nll, cfg), devices=devices).lower(params, batch), params
     if method.startswith("fused-"):
         rule = Lomo() if method == "fused-lomo" else AdaLomo()
         float16 = jnp.dtype(dtype) == jnp.float16

@@ -75,6 +75,41 @@ def causal_mask(segment_ids_BT: jax.Array | None, batch: int, length: int) -> ja
 
 
 # ---- modules --------------------------------------------------------------------------------
+@jax.custom_vjp
+def _dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_dot_fwd(x, kernel):
+    return _dense_dot(x, kernel), (x, kernel)
+
+
+def _dense_dot_bwd(residuals, dy):
+    """The usual backward, but reading the kernel through a fresh value (`kernel + 0 * dy[0]`):
+    XLA:CPU computes a bfloat16 matmul on a float32 copy of its operands, and the backward's copy
+    would otherwise be the forward's, kept alive in between -- in the fused engine, the float32
+    copies of every weight of a block at once."""
+    x, kernel = residuals
+    zero = 0.0 * dy[(0,) * dy.ndim].astype(jnp.float32)
+    fresh = kernel + zero.astype(kernel.dtype)
+    dx = jax.lax.dot_general(dy, fresh, (((dy.ndim - 1,), (1,)), ((), ())))
+    batch = tuple(range(x.ndim - 1))
+    dk = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s dot_general (contracting the input's last axis with the kernel's first)."""
+    return _dense_dot(lhs, rhs)
+
+
+def dense(features: int, use_bias: bool) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dot_general=_dense_dot_general)
+
+
 class RMSNorm(nn.Module):
     eps: float
 
@@ -100,9 +135,9 @@ class Attention(nn.Module):
     def setup(self):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda n: nn.Dense(n, use_bias=cfg.attention_bias)  # noqa: E731
-        self.q_proj, self.k_proj, self.v_proj = dense(H * K), dense(KVH * K), dense(KVH * K)
-        self.o_proj = dense(cfg.hidden_size)
+        bias = cfg.attention_bias
+        self.q_proj, self.k_proj = dense(H * K, bias), dense(KVH * K, bias)
+        self.v_proj, self.o_proj = dense(KVH * K, bias), dense(cfg.hidden_size, bias)
 
     def project(self, x_BTD, positions_BT):
         cfg = self.cfg
@@ -135,9 +170,9 @@ class MLP(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        dense = lambda n: nn.Dense(n, use_bias=cfg.mlp_bias)  # noqa: E731
-        self.gate_proj, self.up_proj = dense(cfg.intermediate_size), dense(cfg.intermediate_size)
-        self.down_proj = dense(cfg.hidden_size)
+        bias, inter = cfg.mlp_bias, cfg.intermediate_size
+        self.gate_proj, self.up_proj = dense(inter, bias), dense(inter, bias)
+        self.down_proj = dense(cfg.hidden_size, bias)
 
     def expand(self, x_BTD):
         return self.gate_proj(x_BTD), self.up_proj(x_BTD)
@@ -243,14 +278,45 @@ def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
+def head_columns(cfg: LlamaConfig, params: Params, start: jax.Array, size: int) -> jax.Array:
+    """Columns start .. start + size of the output projection, [D, size]: one vocabulary piece
+    (a slice of the table's rows when tied)."""
+    if cfg.tie_word_embeddings:
+        return jax.lax.dynamic_slice_in_dim(params["embed"]["embedding"], start, size, 0).T
+    return jax.lax.dynamic_slice_in_dim(params["lm_head"]["kernel"], start, size, 1)
+
+
+def final_norm(cfg: LlamaConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
+    return RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, h_BTD)
+
+
 def head(cfg: LlamaConfig, params: Params, h_BTD: jax.Array) -> jax.Array:
     """Final norm and output projection -> float32 logits [B, T, V]."""
-    x_BTD = RMSNorm(cfg.rms_norm_eps).apply({"params": params["norm"]}, h_BTD)
+    x_BTD = final_norm(cfg, params, h_BTD)
     return jnp.einsum("btd,dv->btv", x_BTD, head_weight(cfg, params)).astype(jnp.float32)
 
 
 def default_positions(ids_BT: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), ids_BT.shape)
+
+
+def hidden_states(
+    cfg: LlamaConfig,
+    params: Params,
+    ids_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+) -> jax.Array:
+    """The last layer's output [B, T, D], before the final norm and the head."""
+    B, T = ids_BT.shape
+    positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
+    mask_BTT = causal_mask(segment_ids_BT, B, T)
+
+    def step(h, p_layer):
+        return decoder_layer(cfg, p_layer, h, positions_BT, mask_BTT), None
+
+    h_BTD, _ = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT), params["layers"])
+    return h_BTD
 
 
 def forward(
@@ -261,15 +327,7 @@ def forward(
     segment_ids_BT: jax.Array | None = None,
 ) -> jax.Array:
     """Logits [B, T, V] in float32."""
-    B, T = ids_BT.shape
-    positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
-    mask_BTT = causal_mask(segment_ids_BT, B, T)
-
-    def step(h, p_layer):
-        return decoder_layer(cfg, p_layer, h, positions_BT, mask_BTT), None
-
-    h_BTD, _ = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT), params["layers"])
-    return head(cfg, params, h_BTD)
+    return head(cfg, params, hidden_states(cfg, params, ids_BT, positions_BT, segment_ids_BT))
 
 
 # ---- parameters -----------------------------------------------------------------------------

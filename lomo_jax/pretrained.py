@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lomo_jax import checkpoint
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import generate
 from lomo_jax.model import forward
@@ -18,7 +19,7 @@ from lomo_jax.sharding import Layout, put
 from lomo_jax.tokenizer import Tokenizer, load_tokenizer
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _logits(cfg, params, ids_BT, segment_ids_BT):
     return forward(cfg, params, ids_BT, segment_ids_BT=segment_ids_BT)
 

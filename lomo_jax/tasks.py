@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.model import forward
 from lomo_jax.tokenizer import Tokenizer
@@ -146,7 +147,7 @@ def read_examples(task: str, path: str | Path) -> list[Example]:
     return examples_from_records(task, records, p)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _token_logprobs(cfg: LlamaConfig, params, ids_BT, segment_ids_BT):
     logits = forward(cfg, params, ids_BT, segment_ids_BT=segment_ids_BT)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)

@@ -77,3 +77,41 @@ def test_llama_7b_fused_adalomo_fits_the_papers_ratio(batch, seq, ratio):
 
     row = analyze(preset("llama-7b"), "fused-adalomo", batch, seq)
     assert row["peak_bytes"] <= ratio * row["param_bytes"], row["peak_over_params"]
+
+
+def _bf16_compiled(kind: str):
+    """A small bfloat16 model's compiled fused step, evaluation forward or generation step."""
+    import jax
+
+    from lomo_jax.generate import KVCache, _step
+    from lomo_jax.model import param_shapes
+
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+    )
+    if kind in ("fused-adalomo", "inference"):
+        return cfg, lower(cfg, kind, B, T, jnp.bfloat16)[0].compile()
+    params = param_shapes(cfg, jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((8, B, T, 4, 64), jnp.bfloat16)
+    args = (params, jax.ShapeDtypeStruct((B, 1), jnp.int32), KVCache(kv, kv))
+    scalars = (
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+    )
+    return cfg, _step.lower(cfg, *args, 0.0, 1.0, *scalars).compile()
+
+
+@pytest.mark.parametrize("kind", ["fused-adalomo", "inference", "generate"])
+def test_bfloat16_weights_stay_bfloat16_on_cpu(kind):
+    """XLA:CPU computes bfloat16 in float32; the convert of a stacked weight must stay inside
+    the layer loop, one slice at a time (it was hoisted: a float32 copy of every stack)."""
+    cfg, compiled = _bf16_compiled(kind)
+    f32_stack = cfg.num_hidden_layers * cfg.hidden_size * cfg.intermediate_size * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < f32_stack
+    entry = compiled.as_text().split("\nENTRY ")[1]
+    pat = re.compile(rf"= f32\[{cfg.num_hidden_layers},\d+,\d+\]")
+    assert not [line for line in entry.splitlines() if pat.search(line)]
