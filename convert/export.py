@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from convert.layout import hf_tensors
@@ -27,9 +29,8 @@ def write_hf(
     fmt: str = "safetensors",
 ) -> Path:
     """Weights and config.json of a Hugging Face directory; sharded with an index above
-    `max_shard_bytes`. Each shard is converted to torch and released before the next."""
+    `max_shard_bytes`. A safetensors shard is written one tensor at a time."""
     import torch
-    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
@@ -46,12 +47,11 @@ def write_hf(
     weight_map, total = {}, 0
     for k in range(n):
         fname = f"{stem}.{ext}" if n == 1 else f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}"
-        shard = {name: numpy_to_torch(a) for name, a in shards[k]}
         if fmt == "safetensors":
-            save_file(shard, out / fname, metadata={"format": "pt"})
+            save_safetensors(out / fname, shards[k], metadata={"format": "pt"})
         else:
-            torch.save(shard, out / fname)
-        weight_map.update(dict.fromkeys(shard, fname))
+            torch.save({name: numpy_to_torch(a) for name, a in shards[k]}, out / fname)
+        weight_map.update(dict.fromkeys((name for name, _ in shards[k]), fname))
         total += sum(a.nbytes for _, a in shards[k])
         shards[k] = []  # release this shard's arrays and contiguous copies before the next
     if n > 1:
@@ -60,6 +60,37 @@ def write_hf(
     hf_cfg = dict(cfg.to_hf_dict(), torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out
+
+
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+}
+
+
+def save_safetensors(
+    path: Path, tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> None:
+    """The safetensors format (a little-endian u64 header length, the JSON header padded to 8
+    bytes, then the raw tensors), written one tensor at a time: `safetensors.save_file` takes a
+    whole file's tensors as contiguous torch tensors at once, a second copy of the shard."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, a in tensors:
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, a in tensors:
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
 
 
 def export_hf(

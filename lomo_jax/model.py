@@ -85,14 +85,14 @@ def _dense_dot_fwd(x, kernel):
 
 
 def _dense_dot_bwd(residuals, dy):
-    """The usual backward, but reading the kernel through a fresh value (`kernel + 0 * dy[0]`):
-    XLA:CPU computes a bfloat16 matmul on a float32 copy of its operands, and the backward's copy
-    would otherwise be the forward's, kept alive in between -- in the fused engine, the float32
-    copies of every weight of a block at once."""
+    """The usual backward, but a 16-bit kernel is read through a fresh value (`kernel + 0 *
+    dy[0]`): XLA:CPU computes a 16-bit matmul on a float32 copy of its operands, and the
+    backward's copy would otherwise be the forward's, kept alive in between -- in the fused
+    engine, the float32 copies of every weight of a block at once."""
     x, kernel = residuals
-    zero = 0.0 * dy[(0,) * dy.ndim].astype(jnp.float32)
-    fresh = kernel + zero.astype(kernel.dtype)
-    dx = jax.lax.dot_general(dy, fresh, (((dy.ndim - 1,), (1,)), ((), ())))
+    if kernel.dtype != jnp.float32:
+        kernel = kernel + (0.0 * dy[(0,) * dy.ndim]).astype(kernel.dtype)
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
     batch = tuple(range(x.ndim - 1))
     dk = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
     return dx.astype(x.dtype), dk.astype(kernel.dtype)

@@ -18,8 +18,8 @@ from lomo_jax.memory import lower
 B, T = 2, 64
 
 
-def compile_step(method, layers, tied=False, kv_heads=4, layout=None):
-    cfg = LlamaConfig(
+def config(layers, tied=False, kv_heads=4) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=512,
         hidden_size=256,
         intermediate_size=1024,
@@ -28,6 +28,10 @@ def compile_step(method, layers, tied=False, kv_heads=4, layout=None):
         num_key_value_heads=kv_heads,
         tie_word_embeddings=tied,
     )
+
+
+def compile_step(method, layers, tied=False, kv_heads=4, layout=None):
+    cfg = config(layers, tied, kv_heads)
     lowered, params = lower(cfg, method, B, T, jnp.float32, layout)
     return cfg, lowered.compile()
 
@@ -86,13 +90,7 @@ def _bf16_compiled(kind: str):
     from lomo_jax.generate import KVCache, _step
     from lomo_jax.model import param_shapes
 
-    cfg = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-    )
+    cfg = config(8)
     if kind in ("fused-adalomo", "inference"):
         return cfg, lower(cfg, kind, B, T, jnp.bfloat16)[0].compile()
     params = param_shapes(cfg, jnp.bfloat16)
