@@ -9,15 +9,16 @@ import numpy as np
 
 from convert.layout import TreeBuilder
 from convert.sources import detect
-from lomo_jax import checkpoint
+from lomo_jax import checkpoint, hub
 from lomo_jax.config import LlamaConfig
 
 
 def load(
     path: str | Path, tokenizer: str | Path | None = None, dtype: Any = None
 ) -> tuple[LlamaConfig, dict, list[Path]]:
-    """(config, numpy parameter tree, tokenizer files) of a HF / Meta / llama2.c checkpoint."""
-    src = detect(path, tokenizer)
+    """(config, numpy parameter tree, tokenizer files) of a HF / Meta / llama2.c checkpoint;
+    `path` may be a Hub id (`org/name`) in the local Hugging Face cache."""
+    src = detect(hub.resolve(path), tokenizer)
     builder = TreeBuilder(src.config, np.dtype(dtype) if dtype is not None else src.dtype)
     for file, name, array in src.tensors():
         builder.put(file, name, array)

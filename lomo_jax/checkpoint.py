@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import is_primary
-from lomo_jax.sharding import leaf_name
+from lomo_jax.parameters import leaf_name
 
 # (leaf name, global shape) -> where the leaf's shards go
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]

@@ -1,15 +1,73 @@
-"""LLaMA hyper-parameters: one dataclass, read from and written to Hugging Face `config.json`."""
+"""Hyper-parameters of the LLaMA family (Llama, Mistral, Qwen2, Qwen3): one dataclass, read from
+and written to Hugging Face `config.json` the way each family's transformers class does."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+from lomo_jax.parameters import params_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one transformers `model_type` is on top of LLaMA."""
+
+    architecture: str  # the transformers class an export names
+    keys: tuple[str, ...] = ()  # config.json keys of its own that LlamaConfig has
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # its class defaults
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # values we support only
+    qkv_bias: bool = False  # q, k and v projections always have biases
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE
+
+
+_NO_SLIDING = {"use_sliding_window": False}  # Qwen: sliding attention in the upper layers
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", ("head_dim", "attention_bias", "mlp_bias")),
+    "mistral": Family(
+        "MistralForCausalLM", ("head_dim", "sliding_window"), {"sliding_window": 4096}
+    ),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        defaults={"bos_token_id": None, "eos_token_id": None},
+        fixed=_NO_SLIDING,
+        qkv_bias=True,
+    ),
+    "qwen3": Family(
+        "Qwen3ForCausalLM",
+        ("head_dim", "attention_bias"),
+        {"bos_token_id": None, "eos_token_id": None, "head_dim": 128},
+        fixed=_NO_SLIDING,
+        qk_norm=True,
+    ),
+}
+# Keys every family reads and writes.
+COMMON_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+# Fields only some families have; elsewhere they keep these values.
+_FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    model_type: str = "llama"  # the family: a key of FAMILIES
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -22,8 +80,9 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (Llama, Qwen3)
     mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: each position sees itself and N - 1 before
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -34,6 +93,18 @@ class LlamaConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.model_type not in FAMILIES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported "
+                f"(supported: {', '.join(FAMILIES)})"
+            )
+        for name, default in _FAMILY_FIELDS.items():
+            if name not in self.family.keys and getattr(self, name) != default:
+                raise ValueError(
+                    f"{self.model_type} models have no {name} (got {getattr(self, name)!r})"
+                )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -51,17 +122,20 @@ class LlamaConfig:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.family.qkv_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.family.qk_norm
+
+    @property
     def num_params(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = d * q + 2 * d * kv + q * d + 3 * d * f + 2 * d
-        if self.attention_bias:
-            per_layer += q + 2 * kv + d
-        if self.mlp_bias:
-            per_layer += 2 * f + d
-        head = 0 if self.tie_word_embeddings else d * v
-        return v * d + self.num_hidden_layers * per_layer + d + head
+        return sum(math.prod(p.shape(self)) for p in params_of(self))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -74,14 +148,22 @@ class LlamaConfig:
     # ---- Hugging Face config.json ------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        """Reads the keys the family's transformers class reads, with its defaults; refuses
+        what the model does not implement."""
         model_type = d.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"model_type is {model_type!r}, not 'llama'")
+        if model_type not in FAMILIES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+            )
+        family = FAMILIES[model_type]
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # transformers' names of the one activation we compute
             raise ValueError(f"hidden_act {act!r} is not supported (the model computes silu)")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
+        for key, value in family.fixed.items():
+            if d.get(key, value) != value:
+                raise ValueError(f"{key}={d[key]!r} is not supported (only {value!r})")
+        kwargs = dict(family.defaults, model_type=model_type)
+        kwargs.update({k: d[k] for k in (*COMMON_KEYS, *family.keys) if k in d})
         scaling = kwargs.get("rope_scaling")
         # transformers 5 moves rope_theta into `rope_parameters`.
         params = d.get("rope_parameters")
@@ -98,8 +180,11 @@ class LlamaConfig:
         return cls.from_hf_dict(json.loads(Path(path).read_text()))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        """The keys of the family's transformers config class."""
+        family = self.family
+        d = {k: getattr(self, k) for k in (*COMMON_KEYS, *family.keys)}
+        d.update(family.fixed, hidden_act="silu")
+        d.update(model_type=self.model_type, architectures=[family.architecture])
         return d
 
     def replace(self, **changes: Any) -> LlamaConfig:

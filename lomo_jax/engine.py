@@ -52,6 +52,7 @@ from lomo_jax.optim import (
     init_state,
     map_rule,
 )
+from lomo_jax.parameters import step_weights
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout
 
@@ -144,7 +145,8 @@ def _depends_on(tree, *deps):
 def _layer_backward(
     cfg: LlamaConfig, stacks: dict, i, h_i, dh, positions, mask, consume, acc, layout
 ):
-    """Layer i's backward, block by block (`model.LAYER_BLOCKS`), the last block first: each
+    """Layer i's backward, block by block (`model.LAYER_BLOCKS`; the weights of each step are
+    the rows of `parameters.TABLE` that name it), the last block first: each
     block is recomputed under `jax.vjp` from its input once the block above is done, one step at
     a time; walking its steps back, each step's gradients go to `consume(acc, weights, grads)`
     as soon as they exist, so at most one step's gradients and one block's activations are
@@ -154,23 +156,24 @@ def _layer_backward(
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
     touches only the device's slice."""
 
-    def weights(modules, after):
+    def weights(step, after):
         # Sliced anew after `after`: one slice shared with the forward would stay alive between.
         j = _index_after(i, after)
-        return {k: w[j] for k, w in stacks.items() if any(k[: len(m)] == m for m in modules)}
+        wanted = step_weights(step)
+        return {k: w[j] for k, w in stacks.items() if k in wanted}
 
     # Each block's input (a plain forward of the blocks before it: its activations are not kept).
     inputs = [(h_i,)]
     for block in LAYER_BLOCKS[:-1]:
         xs = inputs[-1]
-        for name, modules in block:
-            xs = layer_step(cfg, name, positions, mask)(unflatten_dict(weights(modules, h_i)), xs)
+        for name in block:
+            xs = layer_step(cfg, name, positions, mask)(unflatten_dict(weights(name, h_i)), xs)
         inputs.append(xs)
     dxs = (dh,)
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
-        for name, modules in block:
-            p = weights(modules, dxs)
+        for name in block:
+            p = weights(name, dxs)
             xs, vjp = jax.vjp(layer_step(cfg, name, positions, mask), unflatten_dict(p), xs)
             tape.append((p, vjp))
         for p, vjp in reversed(tape):
@@ -195,7 +198,7 @@ def _fused_backward(
 ):
     """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
     touch nothing; otherwise update every tensor as its gradient appears."""
-    positions, mask = batch_inputs(batch)
+    positions, mask = batch_inputs(batch, cfg.sliding_window)
     g_head = dict(g_head)
     g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
 
@@ -290,7 +293,7 @@ def fused_step(
 
     With a `layout` the state is sharded across its mesh (see lomo_jax.sharding)."""
     params = state.params
-    positions, mask = batch_inputs(batch)
+    positions, mask = batch_inputs(batch, cfg.sliding_window)
 
     def save_inputs(h, p):
         return decoder_layer(cfg, p, h, positions, mask), h

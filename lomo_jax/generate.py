@@ -10,7 +10,7 @@ import numpy as np
 
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
+from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head, visible
 
 
 def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):
@@ -18,7 +18,8 @@ def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index)
     B, T = ids_BT.shape
     S = cache.k_BSHK.shape[2]
     positions_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_BTS = jnp.broadcast_to(jnp.arange(S)[None, :] <= positions_BT[0][:, None], (B, T, S))
+    mask_TS = visible(positions_BT[0], jnp.arange(S), cfg.sliding_window)
+    mask_BTS = jnp.broadcast_to(mask_TS, (B, T, S))
 
     def step(h, layer):
         p_layer, k, v = layer

@@ -35,11 +35,11 @@ class Batch(NamedTuple):
     positions: jax.Array | None = None  # [B, T] RoPE positions (restart per document)
 
 
-def batch_inputs(batch: Batch) -> tuple[jax.Array, jax.Array]:
+def batch_inputs(batch: Batch, sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(RoPE positions, attention mask) of a batch."""
     B, T = batch.input_ids.shape
     positions = default_positions(batch.input_ids) if batch.positions is None else batch.positions
-    return positions, causal_mask(batch.segment_ids, B, T)
+    return positions, causal_mask(batch.segment_ids, B, T, sliding_window)
 
 
 def next_token_targets(labels_BT: jax.Array) -> jax.Array:
@@ -185,7 +185,7 @@ def loss_fn(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
 def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
     """The same loss with the fused step's checkpointing policy: only layer inputs are saved
     for `jax.grad`."""
-    positions, mask = batch_inputs(batch)
+    positions, mask = batch_inputs(batch, cfg.sliding_window)
     layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
     h, _ = jax.lax.scan(
         lambda h, p: (layer(p, h), None),

@@ -1,4 +1,6 @@
-"""A LLaMA in Flax whose decoder layers are stacked, so it can be driven one layer at a time.
+"""A LLaMA in Flax whose decoder layers are stacked, so it can be driven one layer at a time; the
+families built on it differ in a few switches of the config (Qwen2's q/k/v biases, Qwen3's
+per-head q/k norms, Mistral's sliding window).
 
 The model is three pure functions of (params, inputs) that compose as
 
@@ -9,8 +11,9 @@ The model is three pure functions of (params, inputs) that compose as
 
 `params["layers"]` holds every decoder weight with a leading layer axis [L, ...], which is what
 `lax.scan` consumes and what the fused LOMO engine walks backwards. `forward` is exactly that
-composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the converters
-are a name map; kernels are [in, out] (the transpose of torch Linear weights).
+composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...) and every
+tensor is a row of lomo_jax.parameters.TABLE; kernels are [in, out] (torch Linear weights
+transposed).
 
 RoPE rotates halves (the Hugging Face layout); Meta and llama2.c weights are permuted on import.
 Norms, softmax and logits are computed in float32 whatever the parameter dtype.
@@ -64,10 +67,21 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
 
 
 # ---- masks ----------------------------------------------------------------------------------
-def causal_mask(segment_ids_BT: jax.Array | None, batch: int, length: int) -> jax.Array:
+def visible(q_idx: jax.Array, k_idx: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """[T, S] bool: query at index q_idx[t] may see key at k_idx[s] (causal; with a sliding
+    window only the last `sliding_window` indices, itself included, as transformers counts)."""
+    mask = k_idx[None, :] <= q_idx[:, None]
+    if sliding_window is not None:
+        mask &= q_idx[:, None] - k_idx[None, :] < sliding_window
+    return mask
+
+
+def causal_mask(
+    segment_ids_BT: jax.Array | None, batch: int, length: int, sliding_window: int | None = None
+) -> jax.Array:
     """[B, T, T] bool: causal, and only within the same segment (packed documents, padding = 0)."""
     idx = jnp.arange(length)
-    mask_TT = idx[None, :] <= idx[:, None]
+    mask_TT = visible(idx, idx, sliding_window)
     if segment_ids_BT is None:
         return jnp.broadcast_to(mask_TT, (batch, length, length))
     same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
@@ -135,17 +149,23 @@ class Attention(nn.Module):
     def setup(self):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj, self.k_proj = dense(H * K, bias), dense(KVH * K, bias)
-        self.v_proj, self.o_proj = dense(KVH * K, bias), dense(cfg.hidden_size, bias)
+        qkv = cfg.qkv_bias
+        self.q_proj, self.k_proj = dense(H * K, qkv), dense(KVH * K, qkv)
+        self.v_proj, self.o_proj = dense(KVH * K, qkv), dense(cfg.hidden_size, cfg.attention_bias)
+        if cfg.qk_norm:  # Qwen3: each head of q and k normalized before RoPE
+            self.q_norm, self.k_norm = RMSNorm(cfg.rms_norm_eps), RMSNorm(cfg.rms_norm_eps)
 
     def project(self, x_BTD, positions_BT):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         B, T, _ = x_BTD.shape
+        q_BTHK = self.q_proj(x_BTD).reshape(B, T, H, K)
+        k_BTHK = self.k_proj(x_BTD).reshape(B, T, KVH, K)
+        if cfg.qk_norm:
+            q_BTHK, k_BTHK = self.q_norm(q_BTHK), self.k_norm(k_BTHK)
         inv_freq = rope_inv_freq(cfg)
-        q_BTHK = apply_rope(self.q_proj(x_BTD).reshape(B, T, H, K), positions_BT, inv_freq)
-        k_BTHK = apply_rope(self.k_proj(x_BTD).reshape(B, T, KVH, K), positions_BT, inv_freq)
+        q_BTHK = apply_rope(q_BTHK, positions_BT, inv_freq)
+        k_BTHK = apply_rope(k_BTHK, positions_BT, inv_freq)
         return q_BTHK, k_BTHK, self.v_proj(x_BTD).reshape(B, T, KVH, K)
 
     def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
@@ -225,25 +245,14 @@ class DecoderLayer(nn.Module):
 
 
 # The decoder layer as two blocks of steps. A step is a method of DecoderLayer mapping the
-# previous step's outputs (and positions, mask) to its own, with the modules whose weights it
-# reads. Composed they are the layer. The fused engine recomputes one block at a time in the
-# backward (the MLP first, then attention) and takes one vjp per step, updating each step's
-# weights before going on, so at most one step's gradients and one block's activations exist.
-Step = tuple[str, tuple[tuple[str, ...], ...]]
-LAYER_BLOCKS: tuple[tuple[Step, ...], ...] = (
-    (
-        ("attention_norm", (("input_layernorm",),)),
-        (
-            "attention_in",
-            (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")),
-        ),
-        ("attention_out", (("self_attn", "o_proj"),)),
-    ),
-    (
-        ("mlp_norm", (("post_attention_layernorm",),)),
-        ("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj"))),
-        ("mlp_out", (("mlp", "down_proj"),)),
-    ),
+# previous step's outputs (and positions, mask) to its own; the weights it reads are the rows of
+# lomo_jax.parameters.TABLE that name it. Composed they are the layer. The fused engine recomputes
+# one block at a time in the backward (the MLP first, then attention) and takes one vjp per step,
+# updating each step's weights before going on, so at most one step's gradients and one block's
+# activations exist.
+LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
+    ("attention_norm", "attention_in", "attention_out"),
+    ("mlp_norm", "mlp_in", "mlp_out"),
 )
 
 
@@ -310,7 +319,7 @@ def hidden_states(
     """The last layer's output [B, T, D], before the final norm and the head."""
     B, T = ids_BT.shape
     positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
-    mask_BTT = causal_mask(segment_ids_BT, B, T)
+    mask_BTT = causal_mask(segment_ids_BT, B, T, cfg.sliding_window)
 
     def step(h, p_layer):
         return decoder_layer(cfg, p_layer, h, positions_BT, mask_BTT), None

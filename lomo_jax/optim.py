@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lomo_jax import blocks
+from lomo_jax.parameters import BY_NAME, leaf_name
 
 State = Any
 
@@ -179,11 +180,22 @@ class AdaLomo:
         return w, {"row": row, "col": col}
 
 
+def _per_tensor(f, tree, *rest):
+    """`f(leaf, *rest's nodes)` for each leaf of `tree`, vmapped over the layer axis where
+    parameters.TABLE says the leaf is stacked per layer; `rest` have `tree` as a prefix."""
+
+    def one(path, *xs):
+        return (jax.vmap(f) if BY_NAME[leaf_name(path)].per_layer else f)(*xs)
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    nodes = [treedef.flatten_up_to(r) for r in rest]
+    return treedef, [one(path, x, *ns) for (path, x), *ns in zip(leaves, *nodes)]
+
+
 def init_state(rule: UpdateRule, params: dict) -> dict:
     """Optimizer state mirroring `params`; stacked layer weights get per-layer state."""
-    state = {k: jax.tree.map(rule.init, v) for k, v in params.items() if k != "layers"}
-    state["layers"] = jax.tree.map(jax.vmap(rule.init), params["layers"])
-    return state
+    treedef, states = _per_tensor(rule.init, params)
+    return treedef.unflatten(states)
 
 
 def map_rule(rule: UpdateRule, params, grads, state, sc: StepScalars):
@@ -197,14 +209,8 @@ def map_rule(rule: UpdateRule, params, grads, state, sc: StepScalars):
 
 def apply_updates(rule: UpdateRule, params: dict, grads: dict, state: dict, sc: StepScalars):
     """The unfused path: one update of a whole tree from a full gradient tree (from `jax.grad`)."""
-    new_p, new_s = {}, {}
-    for k in params:
-        if k == "layers":
-            f = jax.vmap(lambda p, g, s: map_rule(rule, p, g, s, sc))
-            new_p[k], new_s[k] = f(params[k], grads[k], state[k])
-        else:
-            new_p[k], new_s[k] = map_rule(rule, params[k], grads[k], state[k], sc)
-    return new_p, new_s
+    treedef, out = _per_tensor(lambda p, g, s: rule.update(p, g, s, sc), params, grads, state)
+    return treedef.unflatten([o[0] for o in out]), treedef.unflatten([o[1] for o in out])
 
 
 def global_norm_sq(grads, loss_scale) -> jax.Array:

@@ -10,13 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lomo_jax import checkpoint
+from lomo_jax import checkpoint, hub
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import generate
 from lomo_jax.model import forward
 from lomo_jax.sharding import Layout, put
-from lomo_jax.tokenizer import Tokenizer, load_tokenizer
+from lomo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
 @functools.partial(jit, static_argnums=0)
@@ -58,6 +58,8 @@ class LlamaModel:
         """Decoded continuation of BOS + prompt (an empty prompt means BOS alone)."""
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer; pass --tokenizer when importing")
+        if not prompt and self.config.bos_token_id is None:
+            raise TokenizerError("this model has no BOS token to start from; give a --prompt")
         ids = self.tokenizer.encode(prompt, bos=True) if prompt else [self.config.bos_token_id]
         out = self.generate([ids], max_new_tokens, temperature, top_p, seed)[0]
         return self.tokenizer.decode(out)
@@ -82,11 +84,13 @@ def from_pretrained(
     dtype: Any = None,
     layout: Layout | None = None,
 ) -> LlamaModel:
-    """Loads a lomo-jax checkpoint, a Hugging Face directory, a Meta original directory or a
-    llama2.c `.bin`; weights from other formats are converted in memory.
+    """Loads a lomo-jax checkpoint, a Hugging Face directory or Hub id (`org/name`, from the
+    local Hugging Face cache), a Meta original directory or a llama2.c `.bin`; weights from other
+    formats are converted in memory.
 
     With a `layout` each device receives only its shards: a checkpoint is read shard by shard,
     a converted model goes from host memory straight into the shards."""
+    path = hub.resolve(path)
     if checkpoint.is_checkpoint(path):
         cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
         if dtype is not None:

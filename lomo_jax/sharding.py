@@ -1,4 +1,5 @@
-"""Device meshes and the one table that maps logical parameter axes to mesh axes.
+"""Device meshes and the one table that maps logical parameter axes to mesh axes (the axes of
+each parameter are lomo_jax.parameters.TABLE's).
 
 A mesh has two named axes: `data` (splits the batch) and `fsdp` (splits the batch and every
 weight and optimizer factor, ZeRO-3 style: each device keeps 1/fsdp of each tensor and works
@@ -21,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lomo_jax.parameters import BY_NAME, LAYERS, leaf_name
+
 MESH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes it may be split over, in order of preference.
@@ -33,29 +36,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("fsdp",),
     "mlp": ("fsdp",),
     "norm": (),
+    "head_dim": (),
     "layers": (),
-}
-
-# Logical axes of each parameter, by the last components of its name (per layer: the stacked
-# leaves under `layers` get a leading "layers" axis).
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embedding": ("vocab", "embed"),
-    "lm_head.kernel": ("embed", "vocab"),
-    "q_proj.kernel": ("embed", "heads"),
-    "k_proj.kernel": ("embed", "kv_heads"),
-    "v_proj.kernel": ("embed", "kv_heads"),
-    "o_proj.kernel": ("heads", "embed"),
-    "gate_proj.kernel": ("embed", "mlp"),
-    "up_proj.kernel": ("embed", "mlp"),
-    "down_proj.kernel": ("mlp", "embed"),
-    "q_proj.bias": ("heads",),
-    "k_proj.bias": ("kv_heads",),
-    "v_proj.bias": ("kv_heads",),
-    "o_proj.bias": ("norm",),
-    "gate_proj.bias": ("mlp",),
-    "up_proj.bias": ("mlp",),
-    "down_proj.bias": ("norm",),
-    "weight": ("norm",),  # RMSNorm scales
 }
 
 
@@ -93,20 +75,13 @@ def make_mesh(spec: str | None = None, devices: list | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]).reshape(tuple(sizes.values())), MESH_AXES)
 
 
-def leaf_name(path) -> str:
-    """The dotted name of a pytree leaf from its key path (e.g. layers.mlp.up_proj.kernel): the
-    names checkpoints index by and the sharding rules match."""
-    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-    return ".".join(str(p) for p in parts)
-
-
 def param_axes(name: str) -> tuple[str, ...]:
-    """Logical axes of a parameter from its dotted name (e.g. layers.mlp.up_proj.kernel)."""
-    parts = name.split(".")
-    axes = PARAM_AXES.get(".".join(parts[-2:]), PARAM_AXES.get(parts[-1]))
-    if axes is None:
-        raise KeyError(f"no sharding rule for parameter {name!r}")
-    return ("layers", *axes) if parts[0] == "layers" else axes
+    """Logical axes of a parameter from its dotted name (e.g. layers.mlp.up_proj.kernel), as
+    lomo_jax.parameters.TABLE gives them (a stacked one's start with "layers")."""
+    row = BY_NAME.get(name)
+    if row is None:
+        raise KeyError(f"no sharding rule for parameter {name!r} (not in parameters.TABLE)")
+    return (LAYERS, *row.axes) if row.per_layer else row.axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +121,7 @@ class Layout:
     def layer(self, p_layer: Any) -> Any:
         """Shardings of one layer's slice of the stacked weights (no layer axis)."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: self.sharding(param_axes("layers." + leaf_name(path))[1:], x.shape),
+            lambda path, x: self.sharding(param_axes(f"{LAYERS}.{leaf_name(path)}")[1:], x.shape),
             p_layer,
         )
 
@@ -157,13 +132,13 @@ class Layout:
         def per_param(path, x):
             name = leaf_name(path)
             axes = param_axes(name)
-            stacked = name.startswith("layers.")
+            stacked = BY_NAME[name].per_layer
             shape = x.shape[1:] if stacked else x.shape
             state_axes = rule.state_axes(axes[1:] if stacked else axes)
             state_shape = jax.eval_shape(rule.init, jax.ShapeDtypeStruct(shape, x.dtype))
             return jax.tree.map(
                 lambda ax, s: self.sharding(
-                    ("layers", *ax) if stacked else ax,
+                    (LAYERS, *ax) if stacked else ax,
                     (x.shape[0], *s.shape) if stacked else s.shape,
                 ),
                 state_axes,

@@ -61,12 +61,20 @@ def hf_wrong_shape(tmp):
     return d, "model.safetensors", "the config says (64, 200)"
 
 
-def hf_not_llama(tmp):
-    d = make_hf_dir(tmp / "src", CFG)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "mistral"
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d, "config.json", "model_type is 'mistral', not 'llama'"
+def hf_unsupported_family(tmp):
+    d = edit_config(make_hf_dir(tmp / "src", CFG), model_type="gemma2")
+    return d, "config.json", "model_type 'gemma2' is not supported"
+
+
+def hf_qwen_sliding_layers(tmp):
+    d = edit_config(make_hf_dir(tmp / "src", CFG), model_type="qwen2", use_sliding_window=True)
+    return d, "config.json", "use_sliding_window=True is not supported"
+
+
+def hf_unsupported_rope(tmp):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    d = edit_config(make_hf_dir(tmp / "src", CFG), rope_scaling=yarn)
+    return d, "config.json", "unsupported rope_scaling type 'yarn'"
 
 
 def hf_unsupported_activation(tmp):
@@ -131,8 +139,10 @@ CASES = [
     hf_unknown_tensor,
     hf_missing_tensor,
     hf_wrong_shape,
-    hf_not_llama,
+    hf_unsupported_family,
     hf_unsupported_activation,
+    hf_qwen_sliding_layers,
+    hf_unsupported_rope,
     hf_bad_json,
     meta_truncated_shard,
     llama2c_truncated,

@@ -1,0 +1,33 @@
+"""Hugging Face Hub ids (`org/name`) as model paths, resolved through the local Hugging Face
+cache the way transformers resolves them: huggingface_hub finds the cached snapshot (HF_HOME,
+HF_HUB_CACHE), offline when HF_HUB_OFFLINE=1 (the command line's default), else it may download
+the config, tokenizer and safetensors weights first."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What an import reads from a repository (not, e.g., Meta's original/*.pth beside the weights).
+FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def resolve(ref: str | Path) -> Path:
+    """A local path as it is; an `org/name` that is not one -> its snapshot directory."""
+    path = Path(ref)
+    if path.exists() or not _REPO_ID.fullmatch(str(ref)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(ref), allow_patterns=FILES))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{ref}: no such path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"fetch it with `hf download {ref}`"
+        ) from None
+    except HfHubHTTPError as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"{ref}: the Hugging Face Hub says: {why}") from None

@@ -1,0 +1,345 @@
+"""Every supported family against transformers' own class, on a tiny random model saved with
+save_pretrained: logits (with padding), export back to the family's class, the fused AdaLomo step
+sharded over 8 devices against jax.grad + AdaLomo on one; Mistral's window in cached generation;
+the parameter table against the tree the Flax model creates; Hub ids from a local cache.
+
+The 8-device work and the Hub commands run in one subprocess (the device count and the cache
+location are fixed when JAX and huggingface_hub start), started with the fixtures so that it
+runs while this process computes the references."""
+
+import functools
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import lomo_jax
+from convert import export_hf, import_checkpoint
+from lomo_jax.baseline import unfused_step
+from lomo_jax.cli import main
+from lomo_jax.config import LlamaConfig
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.generate import generate
+from lomo_jax.loss import Batch, batch_inputs
+from lomo_jax.model import LAYER_BLOCKS, decoder_layer, layer_step
+from lomo_jax.optim import AdaLomo
+from lomo_jax.parameters import LAYERS, TABLE, params_of, step_weights
+from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import RULES, Layout
+from tests.conftest import CONFIGS, random_ids
+from tests.test_scale_out import REPO, TIMEOUT, _env
+from tests.test_train_cli import write_rows
+
+_TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
+_LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+# The shapes people fine-tune, shrunk: (transformers config class, its arguments).
+FAMILY_CONFIGS = {
+    "llama3.2": (
+        transformers.LlamaConfig,
+        dict(
+            tie_word_embeddings=True,
+            rope_parameters={
+                **_LLAMA3,
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=6)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32)),
+}
+STEPS, LR = 2, 1e-2
+RULE = AdaLomo(weight_decay=0.1)
+
+
+def save_tiny(path, family: str, seed: int = 0):
+    """A random transformers model of `family`, saved with save_pretrained (float32). Biases and
+    norm scales are drawn too, so none of them is a no-op."""
+    cls, kw = FAMILY_CONFIGS[family]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**_TINY, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(
+                1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p)
+            )
+    model.save_pretrained(path)
+    return path
+
+
+REPO_ID = "tiny-org/tiny-qwen2"
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """(HF directory of each family, the 8-device subprocess already running, its folder)."""
+    tmp = tmp_path_factory.mktemp("families")
+    dirs = {f: save_tiny(tmp / f, f) for f in FAMILY_CONFIGS}
+    write_rows(tmp / "data.jsonl", random_ids(LlamaConfig(**_TINY), 16, 16, seed=3))
+    hub = _hub_cache(tmp, dirs["qwen2"], REPO_ID)
+    script = (
+        "from tests.test_families import _fused_on_mesh, _hub_commands\n"
+        f"_fused_on_mesh({ {f: str(d) for f, d in dirs.items()}!r}, {str(tmp)!r})\n"
+        f"_hub_commands({str(tmp)!r})\n"
+    )
+    env = dict(_env(8), HF_HOME=str(tmp / "hf_home"), HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    yield dirs, proc, tmp
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(families):
+    return families[0]
+
+
+@pytest.fixture(scope="module")
+def on_devices(families):
+    """Waits for the subprocess -> (its folder, its stdout lines); call it after this process's
+    own work."""
+    _, proc, tmp = families
+
+    @functools.cache
+    def wait():
+        stdout, _ = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, stdout
+        return tmp, stdout.strip().splitlines()
+
+    return wait
+
+
+def hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids, mask=None):
+    with torch.no_grad():
+        mask = None if mask is None else torch.from_numpy(mask)
+        return model(torch.from_numpy(ids).long(), attention_mask=mask).logits.numpy()
+
+
+def padded_batch(cfg, seed=1):
+    ids = random_ids(cfg, 2, 20, seed=seed)
+    mask = np.ones_like(ids)
+    mask[1, 13:] = 0  # right padding in the second row
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_logits_match_transformers_with_padding(hf_dirs, family):
+    model, reference = lomo_jax.from_pretrained(hf_dirs[family]), hf_model(hf_dirs[family])
+    assert model.config.model_type == reference.config.model_type
+    ids, mask = padded_batch(model.config)
+    ours = np.asarray(model(ids, segment_ids_BT=mask))
+    theirs = hf_logits(reference, ids, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+def test_sliding_window_generation_matches_full_forward(hf_dirs):
+    """Greedy decoding through the KV cache, where Mistral's window applies to the cached keys,
+    picks the argmax of an uncached forward pass; 11 positions outgrow the window of 6."""
+    model = lomo_jax.from_pretrained(hf_dirs["mistral"])
+    prompt = random_ids(model.config, 2, 1, seed=2)
+    new = np.asarray(generate(model.config, model.params, prompt, 10, stop_at_eos=False))
+    logits = np.asarray(model(np.concatenate([prompt, new], axis=1)))
+    np.testing.assert_array_equal(new, logits[:, :-1].argmax(-1))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_export_reloads_as_the_family_class(hf_dirs, family, tmp_path):
+    import_checkpoint(hf_dirs[family], tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "out")
+    theirs, back = hf_model(hf_dirs[family]), hf_model(tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["architectures"] == [type(theirs).__name__]
+    assert type(back) is type(theirs)
+    for key in ("sliding_window", "head_dim", "tie_word_embeddings", "rope_parameters"):
+        assert getattr(back.config, key, None) == getattr(theirs.config, key, None), key
+    ids, mask = padded_batch(LlamaConfig(**_TINY))
+    np.testing.assert_allclose(hf_logits(back, ids, mask), hf_logits(theirs, ids, mask), atol=1e-6)
+
+
+def batches(cfg, n=STEPS, seed=10):
+    return [random_ids(cfg, 8, 16, seed + k) for k in range(n)]
+
+
+def flat_numpy(params) -> dict:
+    return {".".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+
+
+@functools.cache
+def jax_grad_weights(hf_dir) -> dict:
+    """{leaf name: array} after the steps of jax.grad + AdaLomo (optim.apply_updates, vmapped
+    over the layer axis) on one device."""
+    model = lomo_jax.from_pretrained(hf_dir)
+    step = jax.jit(functools.partial(unfused_step, model.config, RULE, Schedule(LR)))
+    state = init_train_state(RULE, model.params)
+    for ids in batches(model.config):
+        state, _ = step(state, Batch(jnp.asarray(ids), jnp.asarray(ids)))
+    return flat_numpy(state.params)
+
+
+def assert_weights_close(ours: dict, ref: dict, rtol: float):
+    assert set(ours) == set(ref)
+    for k, a in ours.items():
+        err = np.linalg.norm(a - ref[k]) / np.linalg.norm(ref[k])
+        assert err <= rtol, (k, err)
+
+
+def _fused_on_mesh(hf_dirs: dict, out: str) -> None:
+    """(Runs on 8 devices.) Each family's fused AdaLomo steps with fsdp=8, saved to OUT/F.npz."""
+    from lomo_jax.sharding import make_mesh
+
+    layout = Layout(make_mesh("fsdp=8"))
+    for family, hf_dir in hf_dirs.items():
+        model = lomo_jax.from_pretrained(hf_dir, layout=layout)
+        step = make_fused_step(model.config, RULE, Schedule(LR), layout=layout)
+        state = init_train_state(RULE, model.params, layout=layout)
+        for ids in batches(model.config):
+            state, _ = step(state, layout.put_batch(Batch(ids, ids)))
+        np.savez(f"{out}/{family}.npz", **flat_numpy(state.params))
+
+
+def _hub_cache(tmp, hf_dir, repo_id: str):
+    """A Hugging Face cache holding `repo_id` as huggingface_hub lays it out (what
+    `hf download` leaves): blobs linked from snapshots/<commit>/, refs/main naming the commit."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "once", "upon", "a"] + [f"w{i}" for i in range(6, 90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    fast.save_pretrained(snapshot)
+    (repo / "blobs").mkdir()
+    for f in [*hf_dir.iterdir(), *snapshot.iterdir()]:
+        blob = repo / "blobs" / f"{f.name}.blob"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).unlink(missing_ok=True)
+        (snapshot / f.name).symlink_to(f"../../blobs/{blob.name}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return tmp / "hub"
+
+
+def _hub_commands(tmp: str) -> None:
+    """(Runs with HF_HUB_CACHE on the fake cache, offline.) Every command reads the Hub id."""
+    src, out = REPO_ID, f"{tmp}/hub-out"
+    data = f"{tmp}/data.jsonl"
+    assert main(["import", src, f"{out}/ckpt"]) == 0
+    run = ["--out", f"{out}/run", "--optimizer", "adamw", "--lr", "1e-2", "--steps", "2"]
+    shape = ["--batch-size", "8", "--seq-len", "16"]
+    assert main(["train", "--model", src, "--data", data, *run, *shape, "--mesh", "fsdp=1"]) == 0
+    assert main(["eval", src, "--data", data, "--seq-len", "16", "--json"]) == 0
+    assert main(["generate", src, "--prompt", "once upon a", "--max-new-tokens", "4"]) == 0
+    model = lomo_jax.from_pretrained(src)
+    prompt = model.tokenizer.encode("once upon a")
+    print(json.dumps([prompt, model.generate([prompt], 4)[0]]))
+
+
+def test_missing_hub_id_is_one_line(tmp_path, capsys):
+    assert main(["import", "no-such-org/no-such-model", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("lomo-jax: error: no-such-org/no-such-model: ")
+    assert "hf download no-such-org/no-such-model" in err
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_table_is_the_tree_the_model_creates(hf_dirs, family):
+    """parameters.TABLE names every leaf init_params (the Flax modules) creates, with its shape,
+    for the family's switches; every axis has a sharding rule, every layer row a step."""
+    cfg = LlamaConfig.from_json_file(hf_dirs[family] / "config.json")
+    created = jax.eval_shape(lambda: lomo_jax.init_params(cfg, jax.random.key(0)))
+    shapes = {".".join(k): v.shape for k, v in flatten_dict(created).items()}
+    assert shapes == {p.name: p.shape(cfg) for p in params_of(cfg)}
+    assert all(a in RULES for p in TABLE for a in p.axes)
+    assert {p.step for p in TABLE if p.per_layer} == {s for block in LAYER_BLOCKS for s in block}
+
+
+# Between them every optional row: q/k/v/o biases and q/k norms; q/k/v/o and MLP biases.
+ALL_ROWS = {
+    "qwen3-bias": LlamaConfig(**_TINY, model_type="qwen3", attention_bias=True, head_dim=32),
+    "llama-bias": CONFIGS["head-dim-bias-linear"],
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_ROWS))
+def test_each_layer_step_runs_on_its_rows_alone(name):
+    """Given only the weights whose rows name it, each step of LAYER_BLOCKS runs (Flax refuses
+    a step missing a weight it reads), and the steps chain into the layer's output. (That they
+    compute the layer is the fused step's test: it differentiates through the steps.)"""
+    cfg = ALL_ROWS[name]
+    ids = random_ids(cfg, 1, 8)
+    positions, mask = batch_inputs(Batch(ids, ids), cfg.sliding_window)
+
+    def steps_and_layer(key):
+        layer = flatten_dict(lomo_jax.init_params(cfg, key)[LAYERS])
+        layer = {k: v[0] for k, v in layer.items()}
+        h = jax.random.normal(key, (1, 8, cfg.hidden_size))
+        xs = (h,)
+        for block in LAYER_BLOCKS:
+            for step in block:
+                weights = {k: layer[k] for k in step_weights(step) if k in layer}
+                xs = layer_step(cfg, step, positions, mask)(unflatten_dict(weights), xs)
+        return xs, decoder_layer(cfg, unflatten_dict(layer), h, positions, mask)
+
+    # Traced only (no compile): a missing weight fails while tracing.
+    steps, layer = jax.eval_shape(steps_and_layer, jax.random.key(1))
+    assert len(steps) == 1 and steps[0].shape == layer.shape == (1, 8, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_fused_adalomo_on_8_devices_equals_jax_grad_on_one(hf_dirs, on_devices, family):
+    """The fused step, its weights split fsdp=8, equals jax.grad + AdaLomo on one device: the
+    engine walks the family's weights (biases, q/k norms, the window's mask) and the sharding
+    rules split them, with one compile per family."""
+    reference = jax_grad_weights(hf_dirs[family])
+    with np.load(on_devices()[0] / f"{family}.npz") as sharded:
+        assert_weights_close(dict(sharded), reference, rtol=1e-5)
+    before = flat_numpy(lomo_jax.from_pretrained(hf_dirs[family]).params)
+    assert all(np.any(before[k] != reference[k]) for k in before)  # every tensor moved
+
+
+def test_hub_id_works_for_every_command(hf_dirs, on_devices):
+    tmp, lines = on_devices()
+    out = tmp / "hub-out"
+    model = lomo_jax.from_pretrained(hf_dirs["qwen2"])
+    imported = lomo_jax.from_pretrained(out / "ckpt")
+    for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    trained = lomo_jax.from_pretrained(out / "run")
+    moved = zip(jax.tree.leaves(trained.params), jax.tree.leaves(model.params), strict=True)
+    assert all(np.any(np.asarray(a) != np.asarray(b)) for a, b in moved)
+    # eval's JSON line, generate's text, then from_pretrained's tokens, in that order
+    evaluated, text, (prompt, tokens) = json.loads(lines[-3]), lines[-2], json.loads(lines[-1])
+    assert evaluated["tokens"] == 16 * 15 and np.isfinite(evaluated["loss"])
+    assert tokens == generate(model.config, model.params, [prompt], 4)[0]
+    assert text == imported.tokenizer.decode(tokens)
