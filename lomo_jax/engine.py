@@ -145,12 +145,11 @@ def _depends_on(tree, *deps):
 def _layer_backward(
     cfg: LlamaConfig, stacks: dict, i, h_i, dh, positions, mask, consume, acc, layout
 ):
-    """Layer i's backward, block by block (`model.LAYER_BLOCKS`; the weights of each step are
-    the rows of `parameters.TABLE` that name it), the last block first: each
-    block is recomputed under `jax.vjp` from its input once the block above is done, one step at
-    a time; walking its steps back, each step's gradients go to `consume(acc, weights, grads)`
-    as soon as they exist, so at most one step's gradients and one block's activations are
-    alive. -> (acc, dh below the layer).
+    """Layer i's backward, block by block (`model.LAYER_BLOCKS`; a step's weights are the rows
+    of `parameters.TABLE` that name it), the last block first: each block is recomputed under
+    `jax.vjp` from its input once the block above is done, one step at a time; walking its steps
+    back, each step's gradients go to `consume(acc, weights, grads)` as soon as they exist, so at
+    most one step's gradients and one block's activations are alive. -> (acc, dh below).
 
     `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update

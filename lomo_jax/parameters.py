@@ -111,9 +111,9 @@ def params_of(cfg: LlamaConfig) -> list[Param]:
     return [p for p in TABLE if p.exists(cfg)]
 
 
-def step_weights(step: str) -> set[tuple[str, ...]]:
+def step_weights(step: str) -> tuple[tuple[str, ...], ...]:
     """Paths inside one layer (no `layers` prefix) of the weights that `step` reads."""
-    return {p.path[1:] for p in TABLE if p.step == step}
+    return tuple(p.path[1:] for p in TABLE if p.step == step)
 
 
 def leaf_name(path) -> str:

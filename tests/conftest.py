@@ -19,7 +19,7 @@ from lomo_jax.config import LlamaConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-_BASE = dict(
+TINY = dict(
     vocab_size=96,
     hidden_size=64,
     intermediate_size=192,
@@ -29,10 +29,10 @@ _BASE = dict(
     rms_norm_eps=1e-5,
 )
 CONFIGS = {
-    "gqa": LlamaConfig(**_BASE, num_key_value_heads=2),
-    "mha-tied": LlamaConfig(**_BASE, tie_word_embeddings=True),
+    "gqa": LlamaConfig(**TINY, num_key_value_heads=2),
+    "mha-tied": LlamaConfig(**TINY, tie_word_embeddings=True),
     "llama3-rope": LlamaConfig(
-        **_BASE,
+        **TINY,
         num_key_value_heads=2,
         rope_theta=500000.0,
         rope_scaling={
@@ -44,7 +44,7 @@ CONFIGS = {
         },
     ),
     "head-dim-bias-linear": LlamaConfig(
-        **_BASE,
+        **TINY,
         num_key_value_heads=1,
         head_dim=24,
         attention_bias=True,

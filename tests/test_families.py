@@ -33,20 +33,11 @@ from lomo_jax.optim import AdaLomo
 from lomo_jax.parameters import LAYERS, TABLE, params_of, step_weights
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import RULES, Layout
-from tests.conftest import CONFIGS, random_ids
+from tests.conftest import CONFIGS, TINY, random_ids
 from tests.test_scale_out import REPO, TIMEOUT, _env
 from tests.test_train_cli import write_rows
 
-_TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=192,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
+_TINY = dict(TINY, num_key_value_heads=2)
 _LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 # The shapes people fine-tune, shrunk: (transformers config class, its arguments).
 FAMILY_CONFIGS = {
