@@ -44,6 +44,16 @@ FAMILIES: dict[str, Family] = {
         qk_norm=True,
     ),
 }
+
+
+def family_of(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        known = ", ".join(FAMILIES)
+        raise ValueError(f"model_type {model_type!r} is not supported (known: {known})") from None
+
+
 # Keys every family reads and writes.
 COMMON_KEYS = (
     "vocab_size",
@@ -61,7 +71,7 @@ COMMON_KEYS = (
     "eos_token_id",
     "pad_token_id",
 )
-# Fields only some families have; elsewhere they keep these values.
+# Fields only some families have; elsewhere they keep these values (and head_dim its default).
 _FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": None}
 
 
@@ -93,15 +103,12 @@ class LlamaConfig:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.model_type not in FAMILIES:
-            raise ValueError(
-                f"model_type {self.model_type!r} is not supported "
-                f"(supported: {', '.join(FAMILIES)})"
-            )
-        for name, default in _FAMILY_FIELDS.items():
-            if name not in self.family.keys and getattr(self, name) != default:
+        family = family_of(self.model_type)
+        default_head_dim = self.hidden_size // self.num_attention_heads
+        for name, default in dict(_FAMILY_FIELDS, head_dim=default_head_dim).items():
+            if name not in family.keys and getattr(self, name) != default:
                 raise ValueError(
-                    f"{self.model_type} models have no {name} (got {getattr(self, name)!r})"
+                    f"{self.model_type} models cannot have {name}={getattr(self, name)!r}"
                 )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
@@ -151,11 +158,7 @@ class LlamaConfig:
         """Reads the keys the family's transformers class reads, with its defaults; refuses
         what the model does not implement."""
         model_type = d.get("model_type", "llama")
-        if model_type not in FAMILIES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
-            )
-        family = FAMILIES[model_type]
+        family = family_of(model_type)
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # transformers' names of the one activation we compute
             raise ValueError(f"hidden_act {act!r} is not supported (the model computes silu)")

@@ -1,6 +1,6 @@
 """Every supported family against transformers' own class, on a tiny random model saved with
 save_pretrained: logits (with padding), export back to the family's class, the fused AdaLomo step
-sharded over 8 devices against jax.grad + AdaLomo on one; Mistral's window in cached generation;
+against jax.grad + AdaLomo and sharded over 8 devices; Mistral's window in cached generation;
 the parameter table against the tree the Flax model creates; Hub ids from a local cache.
 
 The 8-device work and the Hub commands run in one subprocess (the device count and the cache
@@ -25,7 +25,7 @@ from convert import export_hf, import_checkpoint
 from lomo_jax.baseline import unfused_step
 from lomo_jax.cli import main
 from lomo_jax.config import LlamaConfig
-from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.engine import fused_step, init_train_state
 from lomo_jax.generate import generate
 from lomo_jax.loss import Batch, batch_inputs
 from lomo_jax.model import LAYER_BLOCKS, decoder_layer, layer_step
@@ -180,16 +180,43 @@ def flat_numpy(params) -> dict:
     return {".".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
 
 
-@functools.cache
-def jax_grad_weights(hf_dir) -> dict:
-    """{leaf name: array} after the steps of jax.grad + AdaLomo (optim.apply_updates, vmapped
-    over the layer axis) on one device."""
-    model = lomo_jax.from_pretrained(hf_dir)
-    step = jax.jit(functools.partial(unfused_step, model.config, RULE, Schedule(LR)))
-    state = init_train_state(RULE, model.params)
-    for ids in batches(model.config):
-        state, _ = step(state, Batch(jnp.asarray(ids), jnp.asarray(ids)))
-    return flat_numpy(state.params)
+def train_together(step, hf_dirs: dict, layout: Layout | None = None) -> dict:
+    """{family: {leaf name: array}} after STEPS steps of `step(cfg, layout)` (a function of
+    (TrainState, Batch)) on every family, all families in one compiled function: a tiny model's
+    compile is mostly XLA's fixed cost, so one compile for four costs about half of four."""
+    cfgs, states, inputs = [], [], []
+    for hf_dir in hf_dirs.values():
+        model = lomo_jax.from_pretrained(hf_dir, layout=layout)
+        cfgs.append(model.config)
+        states.append(init_train_state(RULE, model.params, layout=layout))
+        rows = [Batch(ids, ids) for ids in batches(model.config)]
+        inputs.append(
+            [layout.put_batch(b) if layout else jax.tree.map(jnp.asarray, b) for b in rows]
+        )
+    fns = [step(cfg, layout) for cfg in cfgs]
+    all_steps = jax.jit(lambda sts, bs: [f(s, b)[0] for f, s, b in zip(fns, sts, bs)])
+    for k in range(STEPS):
+        states = all_steps(states, [b[k] for b in inputs])
+    return {f: flat_numpy(s.params) for f, s in zip(hf_dirs, states)}
+
+
+def unfused(cfg, layout):
+    """jax.grad + AdaLomo (optim.apply_updates, vmapped over the layer axis)."""
+    return functools.partial(unfused_step, cfg, RULE, Schedule(LR))
+
+
+def fused(cfg, layout):
+    return functools.partial(fused_step, cfg, RULE, Schedule(LR), layout=layout)
+
+
+@pytest.fixture(scope="module")
+def jax_grad_weights(hf_dirs):
+    return train_together(unfused, hf_dirs)
+
+
+@pytest.fixture(scope="module")
+def fused_weights(hf_dirs):
+    return train_together(fused, hf_dirs)
 
 
 def assert_weights_close(ours: dict, ref: dict, rtol: float):
@@ -203,14 +230,9 @@ def _fused_on_mesh(hf_dirs: dict, out: str) -> None:
     """(Runs on 8 devices.) Each family's fused AdaLomo steps with fsdp=8, saved to OUT/F.npz."""
     from lomo_jax.sharding import make_mesh
 
-    layout = Layout(make_mesh("fsdp=8"))
-    for family, hf_dir in hf_dirs.items():
-        model = lomo_jax.from_pretrained(hf_dir, layout=layout)
-        step = make_fused_step(model.config, RULE, Schedule(LR), layout=layout)
-        state = init_train_state(RULE, model.params, layout=layout)
-        for ids in batches(model.config):
-            state, _ = step(state, layout.put_batch(Batch(ids, ids)))
-        np.savez(f"{out}/{family}.npz", **flat_numpy(state.params))
+    weights = train_together(fused, hf_dirs, Layout(make_mesh("fsdp=8")))
+    for family, flat in weights.items():
+        np.savez(f"{out}/{family}.npz", **flat)
 
 
 def _hub_cache(tmp, hf_dir, repo_id: str):
@@ -308,15 +330,18 @@ def test_each_layer_step_runs_on_its_rows_alone(name):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_fused_adalomo_on_8_devices_equals_jax_grad_on_one(hf_dirs, on_devices, family):
-    """The fused step, its weights split fsdp=8, equals jax.grad + AdaLomo on one device: the
-    engine walks the family's weights (biases, q/k norms, the window's mask) and the sharding
-    rules split them, with one compile per family."""
-    reference = jax_grad_weights(hf_dirs[family])
-    with np.load(on_devices()[0] / f"{family}.npz") as sharded:
-        assert_weights_close(dict(sharded), reference, rtol=1e-5)
+def test_fused_adalomo_equals_jax_grad(hf_dirs, fused_weights, jax_grad_weights, family):
+    """The engine walks the family's weights (biases, q/k norms; the window's mask)."""
+    assert_weights_close(fused_weights[family], jax_grad_weights[family], rtol=1e-5)
     before = flat_numpy(lomo_jax.from_pretrained(hf_dirs[family]).params)
-    assert all(np.any(before[k] != reference[k]) for k in before)  # every tensor moved
+    assert all(np.any(before[k] != fused_weights[family][k]) for k in before)  # all moved
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_sharded_fused_step_equals_one_device(fused_weights, on_devices, family):
+    """The sharding rules split the family's weights (fsdp=8 over 8 CPU devices)."""
+    with np.load(on_devices()[0] / f"{family}.npz") as sharded:
+        assert_weights_close(dict(sharded), fused_weights[family], rtol=1e-5)
 
 
 def test_hub_id_works_for_every_command(hf_dirs, on_devices):
