@@ -4,8 +4,8 @@ against jax.grad + AdaLomo and sharded over 8 devices; Mistral's window in cache
 the parameter table against the tree the Flax model creates; Hub ids from a local cache.
 
 The 8-device work and the Hub commands run in one subprocess (the device count and the cache
-location are fixed when JAX and huggingface_hub start), started with the fixtures so that it
-runs while this process computes the references."""
+location are fixed when JAX and huggingface_hub start), started before this process computes
+the single-device steps, so that the two run side by side."""
 
 import functools
 import json
@@ -33,6 +33,7 @@ from lomo_jax.optim import AdaLomo
 from lomo_jax.parameters import LAYERS, TABLE, params_of, step_weights
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import RULES, Layout
+from lomo_jax.tokenizer import TokenizerError
 from tests.conftest import CONFIGS, TINY, random_ids
 from tests.test_scale_out import REPO, TIMEOUT, _env
 from tests.test_train_cli import write_rows
@@ -81,23 +82,11 @@ REPO_ID = "tiny-org/tiny-qwen2"
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
-    """(HF directory of each family, the 8-device subprocess already running, its folder)."""
+    """(HF directory of each family, a Hugging Face cache holding REPO_ID, their folder)."""
     tmp = tmp_path_factory.mktemp("families")
     dirs = {f: save_tiny(tmp / f, f) for f in FAMILY_CONFIGS}
     write_rows(tmp / "data.jsonl", random_ids(LlamaConfig(**_TINY), 16, 16, seed=3))
-    hub = _hub_cache(tmp, dirs["qwen2"], REPO_ID)
-    script = (
-        "from tests.test_families import _fused_on_mesh, _hub_commands\n"
-        f"_fused_on_mesh({ {f: str(d) for f, d in dirs.items()}!r}, {str(tmp)!r})\n"
-        f"_hub_commands({str(tmp)!r})\n"
-    )
-    env = dict(_env(8), HF_HOME=str(tmp / "hf_home"), HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    yield dirs, proc, tmp
-    proc.kill()
-    proc.wait()
+    return dirs, _hub_cache(tmp, dirs["qwen2"], REPO_ID), tmp
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +96,18 @@ def hf_dirs(families):
 
 @pytest.fixture(scope="module")
 def on_devices(families):
-    """Waits for the subprocess -> (its folder, its stdout lines); call it after this process's
-    own work."""
-    _, proc, tmp = families
+    """Starts the subprocess (8 devices, the fake cache); -> a function that waits for it and
+    returns (its folder, its stdout lines): call it after this process's own work."""
+    dirs, hub, tmp = families
+    script = (
+        "from tests.test_families import _fused_on_mesh, _hub_commands\n"
+        f"_fused_on_mesh({ {f: str(d) for f, d in dirs.items()}!r}, {str(tmp)!r})\n"
+        f"_hub_commands({str(tmp)!r})\n"
+    )
+    env = dict(_env(8), HF_HOME=str(tmp / "hf_home"), HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
 
     @functools.cache
     def wait():
@@ -117,7 +115,9 @@ def on_devices(families):
         assert proc.returncode == 0, stdout
         return tmp, stdout.strip().splitlines()
 
-    return wait
+    yield wait
+    proc.kill()
+    proc.wait()
 
 
 def hf_model(path):
@@ -215,7 +215,8 @@ def jax_grad_weights(hf_dirs):
 
 
 @pytest.fixture(scope="module")
-def fused_weights(hf_dirs):
+def fused_weights(hf_dirs, on_devices):
+    """(Starts the subprocess first, so that it runs meanwhile.)"""
     return train_together(fused, hf_dirs)
 
 
@@ -283,6 +284,15 @@ def test_missing_hub_id_is_one_line(tmp_path, capsys):
     assert "\n" not in err and err.startswith("lomo-jax: error: no-such-org/no-such-model: ")
     assert "hf download no-such-org/no-such-model" in err
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_empty_prompt_without_bos_is_refused(families):
+    """Qwen has no BOS token: generating from nothing is a clear error, not a crash."""
+    snapshot = next(families[1].glob("models--*/snapshots/*"))
+    model = lomo_jax.from_pretrained(snapshot)
+    assert model.config.bos_token_id is None
+    with pytest.raises(TokenizerError, match="no BOS token"):
+        model.generate_text("", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
