@@ -11,6 +11,7 @@ from convert.layout import TreeBuilder
 from convert.sources import detect
 from lomo_jax import checkpoint, hub
 from lomo_jax.config import LlamaConfig
+from lomo_jax.pretrained import tokenizer_from
 
 
 def load(
@@ -33,4 +34,5 @@ def import_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     cfg, params, files = load(src, tokenizer, dtype)
+    tokenizer_from(files)  # a file that is no tokenizer is refused now, not at its first use
     return checkpoint.save_pretrained(out, cfg, params, files, overwrite)

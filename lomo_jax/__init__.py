@@ -1,5 +1,8 @@
-"""lomo-jax: full-parameter LLaMA fine-tuning in JAX with the fused LOMO and AdaLomo optimizers."""
+"""lomo-jax: full-parameter LLaMA fine-tuning in JAX with the fused LOMO and AdaLomo optimizers.
 
+The names below are imported on first use, so `lomo-jax` catches Ctrl-C before JAX loads."""
+
+import importlib
 import os
 
 # XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one cuts the fused
@@ -9,23 +12,29 @@ _FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=false".strip()
 
-from lomo_jax.config import PRESETS, LlamaConfig, preset
-from lomo_jax.model import decoder_layer, embed, forward, head, init_params, param_shapes
-from lomo_jax.pretrained import LlamaModel, from_pretrained
-from lomo_jax.tokenizer import Tokenizer, load_tokenizer
+_EXPORTS = {
+    "PRESETS": "lomo_jax.config",
+    "LlamaConfig": "lomo_jax.config",
+    "preset": "lomo_jax.config",
+    "decoder_layer": "lomo_jax.model",
+    "embed": "lomo_jax.model",
+    "forward": "lomo_jax.model",
+    "head": "lomo_jax.model",
+    "init_params": "lomo_jax.model",
+    "param_shapes": "lomo_jax.model",
+    "LlamaModel": "lomo_jax.pretrained",
+    "from_pretrained": "lomo_jax.pretrained",
+    "Tokenizer": "lomo_jax.tokenizer",
+    "load_tokenizer": "lomo_jax.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "PRESETS",
-    "LlamaConfig",
-    "LlamaModel",
-    "Tokenizer",
-    "decoder_layer",
-    "embed",
-    "forward",
-    "from_pretrained",
-    "head",
-    "init_params",
-    "load_tokenizer",
-    "param_shapes",
-    "preset",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lomo_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,7 @@ import optax
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import TrainState
-from lomo_jax.loss import Batch, checkpointed_loss
+from lomo_jax.loss import IGNORE, Batch, checkpointed_loss, next_token_targets, num_targets
 from lomo_jax.optim import StepScalars, UpdateRule, apply_updates, clip_coefficient, global_norm_sq
 from lomo_jax.schedule import Schedule
 
@@ -45,21 +45,45 @@ def optax_transform(
     return optax.chain(*parts)
 
 
-def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation):
-    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`."""
+def accumulated_value_and_grad(cfg: LlamaConfig, params, batch: Batch, micro_batches: int):
+    """Loss and gradient of the batch, computed `micro_batches` rows-slices at a time (the
+    activations of one slice alive at once) and summed weighted by their loss tokens, so they
+    equal the whole batch's (row r goes to slice r % micro_batches)."""
+    loss_fn = functools.partial(checkpointed_loss, cfg)
+    if micro_batches == 1:
+        return jax.value_and_grad(loss_fn)(params, batch)
+    split = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+    total = num_targets(batch.labels)
+
+    def add(acc, micro: Batch):
+        weight = jnp.sum(next_token_targets(micro.labels) != IGNORE) / total
+        loss, grads = jax.value_and_grad(loss_fn)(params, micro)
+        return jax.tree.map(lambda a, x: a + weight * x, acc, (loss, grads)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.float32(0), params))
+    (loss, grads), _ = jax.lax.scan(add, zeros, split)
+    return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int = 1):
+    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`; with
+    `micro_batches` > 1 the gradient is accumulated over slices of the batch (the Hugging Face
+    Trainer's gradient_accumulation_steps, the whole batch given at once)."""
 
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(params, batch)
+        loss, grads = accumulated_value_and_grad(cfg, params, batch, micro_batches)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jit(step, donate_argnums=(0, 1))
 
 
-def make_optax_train_step(cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule):
+def make_optax_train_step(
+    cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule, micro_batches: int = 1
+):
     """The optax step behind the fused step's interface, `(TrainState, batch) -> (state,
     metrics)`, so the training loop and its checkpoints treat every optimizer alike."""
-    optax_step = make_optax_step(cfg, tx)
+    optax_step = make_optax_step(cfg, tx, micro_batches)
 
     def step(state: TrainState, batch: Batch):
         params, opt_state, loss = optax_step(state.params, state.opt_state, batch)

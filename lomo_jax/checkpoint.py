@@ -1,12 +1,16 @@
 """The lomo-jax model checkpoint: `config.json` (Hugging Face keys), the parameter tree saved with
-orbax under `params/`, and the tokenizer files copied beside them."""
+orbax under `params/`, and the tokenizer files copied beside them.
+
+`params/checksums.json` records every file's size and checksum when it is written; a load checks
+them first, so a truncated, missing or damaged file is an error naming it, never weights that
+load silently wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import xxhash
 
-from lomo_jax.atomic import atomic_directory
+from lomo_jax.atomic import atomic_directory, copy_file, write_file
 from lomo_jax.config import LlamaConfig
-from lomo_jax.distributed import is_primary
+from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.parameters import leaf_name
 
 # (leaf name, global shape) -> where the leaf's shards go
@@ -43,6 +48,7 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 LEAVES_FILE = "leaves.json"
+CHECKSUMS_FILE = "checksums.json"
 
 
 # Leaves larger than this are written as slices along their first (layer) axis.
@@ -69,19 +75,74 @@ def write_params(path: Path, params: Any) -> None:
                 dest = path / (f"{name}@{i}" if pieces else name)
                 ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
             index.append({"name": name, "pieces": pieces})
+    barrier(f"wrote {path}")  # every process's shards are there before they are summed up
     if is_primary():
         (path / LEAVES_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        write_checksums(path)
 
 
 class CheckpointError(ValueError):
     pass
 
 
+def _digest(f: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(f, "rb") as stream:
+        while chunk := stream.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checked_files(directory: Path) -> Iterator[Path]:
+    """The files a directory's checksums cover: a subdirectory with checksums of its own counts
+    as its checksums file (which covers the rest)."""
+    for p in sorted(directory.iterdir()):
+        if p.is_dir():
+            nested = p / CHECKSUMS_FILE
+            yield from [nested] if nested.is_file() else _checked_files(p)
+        elif p.name != CHECKSUMS_FILE:
+            yield p
+
+
+def write_checksums(directory: Path) -> None:
+    """Records the size and xxh3-128 checksum of every file under `directory` (about 5 GB/s)."""
+    files = {
+        str(f.relative_to(directory)): [f.stat().st_size, _digest(f)]
+        for f in _checked_files(directory)
+    }
+    write_file(directory / CHECKSUMS_FILE, json.dumps({"xxh3_128": files}, indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    """Every file `write_checksums` recorded is there, of its size and checksum (directories
+    written before checksums were kept pass unchecked)."""
+    record = directory / CHECKSUMS_FILE
+    if not record.is_file():
+        return
+    try:
+        files = json.loads(record.read_text())["xxh3_128"]
+        entries = [
+            (directory / rel, int(size), str(digest)) for rel, (size, digest) in files.items()
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{record}: damaged (not a checksum list)") from None
+    for f, size, digest in entries:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} when saved (cut short?)")
+        if _digest(f) != digest:
+            raise CheckpointError(f"{f}: damaged (its checksum differs from the one saved)")
+
+
 def _read_index(path: Path) -> list[dict]:
     f = path / LEAVES_FILE
     try:
         index = json.loads(f.read_text())
-        if not all(isinstance(e, dict) and {"name", "pieces"} <= set(e) for e in index):
+        if not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and type(e.get("pieces")) is int
+            for e in index
+        ):
             raise ValueError
         return index
     except FileNotFoundError:
@@ -107,25 +168,28 @@ def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
     into each device's shards (each process reads only what its devices hold; a stack saved in
     layer pieces is filled piece by piece, so the extra is one layer's shard)."""
     path = path.absolute()
+    verify_checksums(path)
+    index = _read_index(path)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sharding = sharding or (lambda name, shape: default)
     tree: dict = {}
     with _checkpointer() as ckptr:
 
         def shape_dtype(item: Path):
-            meta = ckptr.metadata(item)
-            return (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)[
-                "value"
-            ]
+            with _unreadable(item):
+                meta = ckptr.metadata(item)
+                return (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)[
+                    "value"
+                ]
 
         def restore(item: Path, s: jax.sharding.Sharding) -> jax.Array:
             m = shape_dtype(item)
             arg = ocp.ArrayRestoreArgs(sharding=s, global_shape=m.shape, dtype=m.dtype)
-            return ckptr.restore(item, args=ocp.args.PyTreeRestore(restore_args={"value": arg}))[
-                "value"
-            ]
+            with _unreadable(item):
+                args = ocp.args.PyTreeRestore(restore_args={"value": arg})
+                return ckptr.restore(item, args=args)["value"]
 
-        for entry in _read_index(path):
+        for entry in index:
             name, pieces = entry["name"], entry["pieces"]
             if pieces:  # layer by layer into the stacked leaf's shards
                 m = shape_dtype(path / f"{name}@0")
@@ -144,16 +208,39 @@ def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
     return tree
 
 
+@contextlib.contextmanager
+def _unreadable(item: Path) -> Iterator[None]:
+    """orbax's many errors for a missing or damaged leaf, as one line naming it (checkpoints
+    with checksums are checked before orbax sees them)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{item}: cannot read ({msg})") from None
+
+
 def read_like(path: Path, like: Any) -> Any:
     """Restores a tree written by `write_params` into the structure and shardings of `like` (any
     pytree of arrays), whatever mesh it was saved from."""
     named = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
+    saved = {e["name"] for e in _read_index(path)}
+    if saved != set(named):
+        odd = sorted(saved ^ set(named))[0]
+        raise CheckpointError(
+            f"{path}: its tensors do not match this model and optimizer ({odd!r} is in "
+            f"{'the checkpoint only' if odd in saved else 'the model only'})"
+        )
     flat = read_params(path, lambda name, shape: named[name].sharding)
     leaves = []
-    for leaf_path, _ in jax.tree_util.tree_flatten_with_path(like)[0]:
+    for name, want in named.items():
         node = flat
-        for k in leaf_name(leaf_path).split("."):
+        for k in name.split("."):
             node = node[k]
+        if (node.shape, node.dtype) != (want.shape, want.dtype):
+            raise CheckpointError(
+                f"{path}: {name!r} is {node.dtype}{list(node.shape)}, this run needs "
+                f"{want.dtype}{list(want.shape)}"
+            )
         leaves.append(node)
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
@@ -168,11 +255,11 @@ def write_model(
         # A SentencePiece model travels under the name Hugging Face looks for.
         dest = directory / ("tokenizer.model" if f.suffix == ".model" else f.name)
         if f.resolve() != dest.resolve():
-            shutil.copy(f, dest)
+            copy_file(f, dest)
     with atomic_directory(directory / PARAMS_DIR, overwrite=True) as tmp:
         write_params(tmp, params)
     if is_primary():
-        (directory / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        write_file(directory / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
 
 
 def save_pretrained(
@@ -191,7 +278,10 @@ def load_pretrained(
     path: str | Path, sharding: ShardingFn | None = None
 ) -> tuple[LlamaConfig, Any, list[Path]]:
     p = Path(path)
-    cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
+    try:
+        cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{p / CONFIG_FILE}: invalid config: {e}") from None
     params = read_params(p / PARAMS_DIR, sharding)
     toks = [p / n for n in TOKENIZER_FILES if (p / n).exists()]
     return cfg, params, toks

@@ -1,4 +1,6 @@
-"""`lomo-jax` command line: results on stdout, logs on stderr, a bad input is one line + exit 1."""
+"""`lomo-jax` command line: results on stdout, logs on stderr, a bad input is one line + exit 1.
+
+Only the standard library is imported before `main` starts catching Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,9 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from lomo_jax.data import FORMATS
-from lomo_jax.schedule import SCHEDULES
-from lomo_jax.train import DTYPES, OPTIMIZERS
+from lomo_jax import interrupt
 
 log = logging.getLogger("lomo_jax")
 
@@ -45,8 +45,11 @@ def _layout(a: argparse.Namespace):
 
 def _cmd_generate(a: argparse.Namespace) -> None:
     from lomo_jax.pretrained import from_pretrained
+    from lomo_jax.tokenizer import TokenizerError
 
     model = from_pretrained(a.ckpt, a.tokenizer, layout=_layout(a))
+    if model.tokenizer is None:
+        raise TokenizerError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
     text = model.generate_text(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     sys.stdout.write(text + "\n")
 
@@ -76,7 +79,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     import json
 
-    from lomo_jax.data import build_rows, check_tokenizer, check_vocab
+    from lomo_jax.data import build_rows, check_seq_len, check_tokenizer
     from lomo_jax.evaluate import evaluate_loss
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
@@ -95,11 +98,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         text = f"{a.task}: accuracy {result['accuracy']:.4f} over {result['n']} examples"
     else:
         model = from_pretrained(a.ckpt, a.tokenizer, layout=layout)
+        check_seq_len(a.seq_len, model.config, a.ckpt)
         check_tokenizer(model.tokenizer, model.config.vocab_size)
+        fmt = a.format or "pretokenized"
+        vocab = model.config.vocab_size
         rows = build_rows(
-            a.format or "pretokenized", a.data, model.tokenizer, a.seq_len, template=a.template
+            fmt, a.data, model.tokenizer, a.seq_len, template=a.template, vocab_size=vocab
         )
-        check_vocab(rows, model.config.vocab_size, a.data)
         result = evaluate_loss(model.config, model.params, rows, a.batch_size, layout)
         text = (
             f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
@@ -117,8 +122,23 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 MESH_HELP = "shard the model over devices: fsdp=8, data=2,fsdp=4, ..."
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names in "invalid integer value"
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lomo-jax", description=__doc__)
+    from lomo_jax.data import FORMATS
+    from lomo_jax.schedule import SCHEDULES
+    from lomo_jax.train import DTYPES, OPTIMIZERS
+
+    p = argparse.ArgumentParser(prog="lomo-jax", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -216,8 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
     s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
     s.add_argument("--template", help="with --format template: the prompt / response YAML")
-    s.add_argument("--seq-len", type=int, default=512)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=_at_least(2), default=512)
+    s.add_argument("--batch-size", type=_at_least(1), default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
     s.add_argument("--mesh", help=MESH_HELP)
@@ -234,11 +254,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lomo_jax.atomic import OutputExistsError
     from lomo_jax.checkpoint import CheckpointError
     from lomo_jax.data import DataError
-    from lomo_jax.rundir import NotARunError
+    from lomo_jax.generate import GenerateError
+    from lomo_jax.rundir import NotARunError, RunInUseError
     from lomo_jax.sharding import MeshError
     from lomo_jax.tasks import TaskError
     from lomo_jax.tokenizer import TokenizerError
-    from lomo_jax.train import ConfigError
+    from lomo_jax.train import ConfigError, TrainingStopped
 
     return (
         ConversionError,
@@ -248,29 +269,49 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         ConfigError,
         NotARunError,
+        RunInUseError,
         TaskError,
         MeshError,
-        FileNotFoundError,
+        GenerateError,
+        TrainingStopped,
         FloatingPointError,
     )
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
+    """What a stop on a signal kept, and the exit status (128 + the signal, as a shell does)."""
+    signum = getattr(e, "signum", 2)
+    name = "Ctrl-C" if signum == 2 else "SIGTERM" if signum == 15 else f"signal {signum}"
+    detail = str(e) or "stopped at once; nothing half-written was kept"
+    return f"lomo-jax: interrupted ({name}) {detail}", 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = _parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    log.propagate = False
-    try:
-        args.func(args)
-    except _user_errors() as e:
-        print(f"lomo-jax: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lomo-jax: interrupted (a training run saved a checkpoint)", file=sys.stderr)
-        return 130
+    with interrupt.caught():  # before the imports, which take seconds
+        try:
+            args = _parser().parse_args(argv)
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+            log.handlers[:] = [handler]
+            log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+            log.propagate = False
+            if args.command not in ("train", "demo"):  # only training has steps to stop between
+                interrupt.act_now()
+            args.func(args)
+        except KeyboardInterrupt as e:
+            message, status = _interrupted(e)
+            print(message, file=sys.stderr)
+            return status
+        except (*_user_errors(), OSError) as e:
+            print(f"lomo-jax: error: {_one_line(e)}", file=sys.stderr)
+            return 1
     return 0
 
 

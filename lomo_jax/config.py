@@ -73,6 +73,44 @@ COMMON_KEYS = (
 )
 # Fields only some families have; elsewhere they keep these values (and head_dim its default).
 _FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": None}
+# Sizes: positive integers (None where derived or absent).
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "sliding_window",
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_types(c: LlamaConfig) -> None:
+    """Types and ranges of the values a config.json can carry (None: derived or absent)."""
+    for name in _SIZES:
+        v = getattr(c, name)
+        if v is not None and not (_is_int(v) and v > 0):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = getattr(c, name)
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        v = getattr(c, name)
+        ids = v if name == "eos_token_id" and isinstance(v, list | tuple) else [v]
+        if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+            raise ValueError(f"{name} must be a token id (an integer >= 0), got {v!r}")
+    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
+        raise ValueError(f"rope_scaling must be an object, got {c.rope_scaling!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +136,16 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        _check_types(self)
         # Fill the derived defaults the way transformers does, so equality is by value.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not a multiple of "
+                    f"num_attention_heads={self.num_attention_heads} (and no head_dim is given)"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         family = family_of(self.model_type)
         default_head_dim = self.hidden_size // self.num_attention_heads
@@ -110,8 +154,6 @@ class LlamaConfig:
                 raise ValueError(
                     f"{self.model_type} models cannot have {name}={getattr(self, name)!r}"
                 )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -155,6 +197,8 @@ class LlamaConfig:
     # ---- Hugging Face config.json ------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
         """Reads the keys the family's transformers class reads, with its defaults; refuses
         what the model does not implement."""
         model_type = d.get("model_type", "llama")
@@ -170,11 +214,13 @@ class LlamaConfig:
         scaling = kwargs.get("rope_scaling")
         # transformers 5 moves rope_theta into `rope_parameters`.
         params = d.get("rope_parameters")
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be an object, got {params!r}")
         if params:
             kwargs.setdefault("rope_theta", params.get("rope_theta", 10000.0))
             if scaling is None and params.get("rope_type", "default") != "default":
                 kwargs["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
             kwargs["rope_scaling"] = None
         return cls(**kwargs)
 

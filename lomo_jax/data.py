@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from lomo_jax.atomic import write_file
 from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.tokenizer import Tokenizer
 
@@ -56,26 +59,42 @@ class Rows:
         return Batch(*dataclasses.astuple(self))
 
 
-def read_pretokenized(path: str | Path, seq_len: int) -> np.ndarray:
+def _text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = f.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{f}:{line}: not UTF-8 text") from None
+
+
+def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = None) -> np.ndarray:
     """Rows of exactly `seq_len` token ids from JSON lines {"input_ids": [...]}."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: a directory; --format pretokenized reads one JSON-lines file")
     if not p.is_file():
         raise DataError(f"{p}: file not found")
+    top = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
     rows = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ids = json.loads(line)["input_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{p}:{n}: expected a JSON object with 'input_ids'") from None
-            if len(ids) != seq_len:
-                raise DataError(f"{p}:{n}: row has {len(ids)} tokens, --seq-len is {seq_len}")
-            rows.append(ids)
+    for n, line in enumerate(_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids = np.asarray(json.loads(line)["input_ids"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{p}:{n}: expected a JSON object with 'input_ids'") from None
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise DataError(f"{p}:{n}: 'input_ids' must be a list of integer token ids")
+        if len(ids) != seq_len:
+            raise DataError(f"{p}:{n}: row has {len(ids)} tokens, --seq-len is {seq_len}")
+        if ids.min() < 0 or ids.max() >= top:
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            fit = f"the model's vocab_size {vocab_size}" if vocab_size is not None else "int32"
+            raise DataError(f"{p}:{n}: token id {bad} does not fit {fit}")
+        rows.append(ids)
     if not rows:
         raise DataError(f"{p}: no rows")
-    return np.asarray(rows, np.int32)
+    return np.stack(rows).astype(np.int32)
 
 
 def _files(path: Path) -> list[Path]:
@@ -91,28 +110,72 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_records(path: str | Path) -> list[dict]:
-    """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    out = []
-    for f in _files(Path(path)):
-        kind = {".jsonl": "json", ".txt": "text"}.get(f.suffix, f.suffix.lstrip("."))
+def _json_records(f: Path) -> tuple[list, list[str]]:
+    """A .json file's array or object (else JSON lines), a .jsonl file's lines; each record with
+    its place (file:line, or its number in an array) for error messages."""
+    text = _text(f)
+    if f.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
         try:
-            ds = datasets.load_dataset(kind, data_files=str(f), split="train")
-        except Exception as e:  # datasets raises many types for malformed files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
-        out.extend(ds.to_list())
-    return out
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip()[:1] == "[":
+                raise DataError(f"{f}:{e.lineno}: cannot read as json: {e.msg}") from None
+        else:
+            records = whole if isinstance(whole, list) else [whole]
+            return records, [f"{f}: record {n}" for n in range(1, len(records) + 1)]
+    records, places = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{n}: cannot read as json: {e.msg}") from None
+            places.append(f"{f}:{n}")
+    return records, places
 
 
-def _require(records: list[dict], fields: tuple[str, ...], path, fmt: str) -> None:
-    for n, r in enumerate(records, 1):
-        missing = [f for f in fields if f not in r]
-        if missing:
-            raise DataError(f"{path}: record {n} has no field {missing[0]!r} (format {fmt})")
+def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files, with
+    where each one is (file:line, or the record / row number) for error messages."""
+    records, places = [], []
+    for f in _files(Path(path)):
+        if f.suffix in (".json", ".jsonl"):
+            got, where = _json_records(f)
+        else:
+            import datasets
+
+            datasets.disable_progress_bars()
+            kind = {".txt": "text"}.get(f.suffix, f.suffix.lstrip("."))
+            try:
+                got = datasets.load_dataset(kind, data_files=str(f), split="train").to_list()
+            except Exception as e:  # datasets raises many types for malformed files
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
+            where = [
+                f"{f}:{n}" if kind == "text" else f"{f}: row {n}" for n in range(1, len(got) + 1)
+            ]
+        for r, place in zip(got, where):
+            if not isinstance(r, dict):
+                raise DataError(f"{place}: expected an object of fields, got {type(r).__name__}")
+        records += got
+        places += where
+    return records, places
+
+
+def _require(
+    records: list[dict], places: list[str], fmt: str, text: tuple[str, ...], optional=()
+) -> None:
+    """Every record has the `text` fields as strings (None = empty) and `optional` ones, if
+    present, as strings too."""
+    for r, place in zip(records, places):
+        for field in text + optional:
+            if field not in r and field not in optional:
+                raise DataError(f"{place}: record has no field {field!r} (format {fmt})")
+            if r.get(field) is not None and not isinstance(r[field], str):
+                raise DataError(
+                    f"{place}: field {field!r} must be text, got {type(r[field]).__name__} "
+                    f"(format {fmt})"
+                )
 
 
 def _pad_rows(pairs: list[tuple[list[int], list[int]]], seq_len: int) -> Rows:
@@ -203,6 +266,8 @@ def _need(tok: Tokenizer | None, path, fmt: str) -> None:
 
 def _template(path: str | Path) -> tuple[str, str]:
     """A YAML file with `prompt` and `response`: format strings over each record's fields."""
+    import string
+
     import yaml
 
     p = Path(path)
@@ -214,7 +279,30 @@ def _template(path: str | Path) -> tuple[str, str]:
         raise DataError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(t, dict) or not {"prompt", "response"} <= set(t):
         raise DataError(f"{p}: a template needs 'prompt' and 'response' entries")
-    return str(t["prompt"]), str(t["response"])
+    for key in ("prompt", "response"):
+        if not isinstance(t[key], str):
+            raise DataError(f"{p}: {key} must be text, got {type(t[key]).__name__}")
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(t[key]) if f is not None]
+        except ValueError as e:
+            raise DataError(f"{p}: {key}: {e} (write {{{{ and }}}} for literal braces)") from None
+        if any(f == "" or f.isdigit() for f in fields):
+            raise DataError(f"{p}: {key}: every {{}} needs a field name, e.g. {{instruction}}")
+    return t["prompt"], t["response"]
+
+
+def _fill(template: str, records: list[dict], places: list[str], path) -> list[str]:
+    out = []
+    for r, place in zip(records, places):
+        try:
+            out.append(template.format(**r))
+        except KeyError as e:
+            raise DataError(
+                f"{place}: record has no field {e.args[0]!r} that {path} uses"
+            ) from None
+        except (AttributeError, IndexError, TypeError, ValueError) as e:
+            raise DataError(f"{place}: cannot fill in {path}: {e}") from None
+    return out
 
 
 def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task, template) -> str:
@@ -230,6 +318,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LOMO_JAX_CACHE", Path.home() / ".cache" / "lomo_jax"))
 
 
+def _read_cache(f: Path, seq_len: int) -> Rows | None:
+    """Cached rows, or None when there are none or they are damaged (then they are rebuilt:
+    the zip members' CRCs catch a flipped byte)."""
+    if not f.exists():
+        return None
+    try:
+        with np.load(f) as z:
+            rows = Rows(**{field.name: z[field.name] for field in dataclasses.fields(Rows)})
+        shapes = {(a.shape, a.dtype) for a in dataclasses.astuple(rows)}
+        if shapes != {((len(rows), seq_len), np.dtype(np.int32))} or not len(rows):
+            raise ValueError("unexpected shapes")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s: damaged cache file (%s); tokenizing again", f, e)
+        return None
+    return rows
+
+
+def _write_cache(f: Path, rows: Rows) -> None:
+    try:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **dataclasses.asdict(rows))
+        write_file(f, buffer.getvalue())
+    except OSError as e:
+        log.warning("%s: cannot write the cache (%s); going on without it", f, e.strerror or e)
+
+
 def build_rows(
     fmt: str,
     path: str | Path,
@@ -237,26 +352,27 @@ def build_rows(
     seq_len: int,
     task: str | None = None,
     template: str | None = None,
+    vocab_size: int | None = None,
 ) -> Rows:
     """Tokenized rows, cached by file identity (path, size, mtime), format and tokenizer, so a
-    second run over the same data starts at once."""
-    if fmt != "pretokenized" and Path(path).exists():
-        cached = (
-            cache_dir() / f"rows-{_cache_key(fmt, Path(path), tok, seq_len, task, template)}.npz"
+    second run over the same data starts at once; with `vocab_size`, every id is checked to fit."""
+    if fmt == "pretokenized" or not Path(path).exists():
+        rows = _build_rows(fmt, path, tok, seq_len, task, template, vocab_size)
+    else:
+        key = _cache_key(fmt, Path(path), tok, seq_len, task, template)
+        cached = cache_dir() / f"rows-{key}.npz"
+        rows = _read_cache(cached, seq_len)
+        if rows is not None:
+            log.info("%s: %d tokenized rows from the cache %s", path, len(rows), cached)
+        else:
+            rows = _build_rows(fmt, path, tok, seq_len, task, template)
+            _write_cache(cached, rows)
+    if vocab_size is not None and rows.input_ids.max() >= vocab_size:
+        raise DataError(
+            f"{path}: token id {int(rows.input_ids.max())} does not fit the model's "
+            f"vocab_size {vocab_size} (wrong tokenizer?)"
         )
-        if cached.exists():
-            with np.load(cached) as z:
-                log.info(
-                    "%s: %d tokenized rows from the cache %s", path, len(z["input_ids"]), cached
-                )
-                return Rows(**{f.name: z[f.name] for f in dataclasses.fields(Rows)})
-        rows = _build_rows(fmt, path, tok, seq_len, task, template)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **dataclasses.asdict(rows))
-        os.replace(tmp, cached)
-        return rows
-    return _build_rows(fmt, path, tok, seq_len, task, template)
+    return rows
 
 
 def _build_rows(
@@ -266,25 +382,26 @@ def _build_rows(
     seq_len: int,
     task: str | None = None,
     template: str | None = None,
+    vocab_size: int | None = None,
 ) -> Rows:
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "pretokenized":
-        ids = read_pretokenized(path, seq_len)
+        ids = read_pretokenized(path, seq_len, vocab_size)
         seg = np.ones_like(ids)
         pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
         return Rows(ids, ids.copy(), seg, pos)
-    records = load_records(path)  # the file's own problems are reported first
+    records, places = load_records(path)  # the file's own problems are reported first
     if fmt == "text":
-        _require(records, ("text",), path, fmt)
+        _require(records, places, fmt, ("text",))
         _need(tok, path, fmt)
         return _packed_text(tok, [r["text"] or "" for r in records], seq_len, path)
     if fmt == "alpaca":
-        _require(records, ("instruction", "output"), path, fmt)
+        _require(records, places, fmt, ("instruction", "output"), optional=("input",))
         _need(tok, path, fmt)
         prompts = [
             (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
-                **{"instruction": r["instruction"], "input": r.get("input") or ""}
+                **{"instruction": r["instruction"] or "", "input": r.get("input") or ""}
             )
             for r in records
         ]
@@ -293,13 +410,8 @@ def _build_rows(
         if template is None:
             raise DataError("format template needs --template FILE")
         prompt, response = _template(template)
-        try:
-            prompts = [prompt.format(**r) for r in records]
-            answers = [response.format(**r) for r in records]
-        except KeyError as e:
-            raise DataError(
-                f"{path}: a record has no field {e.args[0]!r} that {template} uses"
-            ) from None
+        prompts = _fill(prompt, records, places, template)
+        answers = _fill(response, records, places, template)
         _need(tok, path, fmt)
         return _prompt_response(tok, prompts, answers, seq_len, path)
     from lomo_jax.tasks import TaskError, examples_from_records
@@ -307,7 +419,7 @@ def _build_rows(
     if task is None:
         raise DataError("format superglue needs --task")
     try:
-        examples = examples_from_records(task, records, path)
+        examples = examples_from_records(task, records, path, places)
     except TaskError as e:
         raise DataError(str(e)) from None
     _need(tok, path, fmt)
@@ -316,17 +428,18 @@ def _build_rows(
     return _prompt_response(tok, prompts, answers, seq_len, path)
 
 
+def check_seq_len(seq_len: int, cfg, model: str | Path) -> None:
+    """Rows no longer than the positions the model was trained for."""
+    if seq_len > cfg.max_position_embeddings:
+        raise DataError(
+            f"{model}: --seq-len {seq_len} is beyond the model's context "
+            f"(max_position_embeddings {cfg.max_position_embeddings})"
+        )
+
+
 def check_tokenizer(tok: Tokenizer | None, vocab_size: int) -> None:
     if tok is not None and tok.vocab_size > vocab_size:
         raise DataError(
             f"{tok.files[0] if tok.files else 'tokenizer'}: {tok.vocab_size} tokens "
             f"do not fit the model's vocab_size {vocab_size} (wrong tokenizer?)"
-        )
-
-
-def check_vocab(rows: Rows, vocab_size: int, path) -> None:
-    if rows.input_ids.max() >= vocab_size:
-        raise DataError(
-            f"{path}: token id {int(rows.input_ids.max())} does not fit the model's "
-            f"vocab_size {vocab_size} (wrong tokenizer?)"
         )

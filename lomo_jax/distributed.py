@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 def initialize(
@@ -40,3 +41,12 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def any_process(value: int) -> int:
+    """The largest of every process's `value` (so all of them take the same branch)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))

@@ -118,7 +118,8 @@ def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_he
     return jax.lax.scan(fill, g, jnp.arange(nb))[0]
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every leaf is finite (one scalar)."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -212,7 +213,7 @@ def _fused_backward(
         def measure_step(acc, p, g):
             sumsq, ok = acc
             sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
-            return (sumsq, ok & _all_finite(g)), sumsq
+            return (sumsq, ok & all_finite(g)), sumsq
 
         def measure(carry, x):
             dh, acc = carry
@@ -220,12 +221,12 @@ def _fused_backward(
             acc, dh = backward(measure_step, acc, flatten_dict(params["layers"]), i, h_i, dh)
             return (dh, acc), None
 
-        init = (dh_L, (global_norm_sq(g_head, sc.loss_scale), _all_finite(g_head)))
+        init = (dh_L, (global_norm_sq(g_head, sc.loss_scale), all_finite(g_head)))
         (dh0, (sumsq, finite)), _ = jax.lax.scan(
             measure, init, (hs, jnp.arange(cfg.num_hidden_layers)), reverse=True
         )
         g_emb = embedding_grad(dh0)
-        return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & _all_finite(g_emb)
+        return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & all_finite(g_emb)
 
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():

@@ -13,6 +13,10 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head, visible
 
 
+class GenerateError(ValueError):
+    pass
+
+
 def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):
     """Runs the layers over new tokens at positions index.., reading and filling the cache."""
     B, T = ids_BT.shape
@@ -65,9 +69,15 @@ def generate(
     stop_at_eos: bool = True,
 ) -> list[list[int]]:
     """New tokens for each prompt (all prompts the same length); a row stops after its EOS."""
+    if not temperature >= 0:
+        raise GenerateError(f"temperature must be at least 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise GenerateError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     prompt_BT = np.asarray(prompt_ids, dtype=np.int32)
     if prompt_BT.ndim != 2 or prompt_BT.shape[1] == 0:
-        raise ValueError("prompt_ids must be a non-empty [batch, length] array")
+        raise GenerateError("prompt_ids must be a non-empty [batch, length] array")
     B, T = prompt_BT.shape
     S = T + max_new_tokens
     L, KVH, K = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim

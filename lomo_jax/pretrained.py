@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from lomo_jax import checkpoint, hub
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.generate import generate
+from lomo_jax.generate import GenerateError, generate
 from lomo_jax.model import forward
 from lomo_jax.sharding import Layout, put
 from lomo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
@@ -57,7 +57,7 @@ class LlamaModel:
     ) -> str:
         """Decoded continuation of BOS + prompt (an empty prompt means BOS alone)."""
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer; pass --tokenizer when importing")
+            raise GenerateError("this checkpoint has no tokenizer; pass --tokenizer when importing")
         if not prompt and self.config.bos_token_id is None:
             raise TokenizerError("this model has no BOS token to start from; give a --prompt")
         ids = self.tokenizer.encode(prompt, bos=True) if prompt else [self.config.bos_token_id]
@@ -69,7 +69,8 @@ class LlamaModel:
         return checkpoint.save_pretrained(out, self.config, self.params, files, overwrite)
 
 
-def _tokenizer_from(files: list[Path]) -> Tokenizer | None:
+def tokenizer_from(files: list[Path]) -> Tokenizer | None:
+    """The tokenizer a checkpoint's tokenizer files make (None without files)."""
     names = {f.name: f for f in files}
     if "tokenizer.json" in names:
         return load_tokenizer(names["tokenizer.json"].parent)
@@ -102,4 +103,4 @@ def from_pretrained(
         params = put(params, layout.params(params)) if layout else jax.tree.map(jnp.asarray, params)
     if tokenizer is not None:
         files = [Path(tokenizer)]
-    return LlamaModel(cfg, params, _tokenizer_from(files))
+    return LlamaModel(cfg, params, tokenizer_from(files))

@@ -1,18 +1,10 @@
-"""What a run shows while it goes and how it stops: the progress bar, peak memory, the loss plot,
-and Ctrl-C taking effect between steps."""
+"""What a run shows while it goes: the progress bar, peak memory, the loss plot."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import signal
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
-
-log = logging.getLogger("lomo_jax")
 
 
 def peak_memory_bytes() -> int:
@@ -49,27 +41,6 @@ def plot_losses(path: Path, runs: dict[str, list[dict]], title: str | None = Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C takes effect between steps: the state is donated to each step, so an interrupt
-    inside one would lose it. A second Ctrl-C interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    flag = []
-
-    def handler(signum, frame):
-        flag.append(signum)
-        signal.signal(signal.SIGINT, previous)
-        log.info("Ctrl-C: stopping after this step (press again to abort now)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: bool(flag)
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class ProgressBar:

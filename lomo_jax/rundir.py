@@ -2,31 +2,54 @@
 
     OUT/train_config.yaml          the resolved options (what --resume reads back)
     OUT/metrics.jsonl              one JSON object per step / evaluation
-    OUT/checkpoints/step_NNNNNNNN/ params/, opt_state/ (orbax), state.json (step, loss scale)
-    OUT/tensorboard/, OUT/loss.png, and the final model (config.json, params/, tokenizer)
+    OUT/tensorboard/               the same metrics as TensorBoard events
+    OUT/checkpoints/step_NNNNNNNN/ params/, opt_state/ (orbax), state.json (step, loss scale),
+                                   checksums.json (each file's size and checksum)
+    OUT/.lock                      held (flock) by the process training in OUT
+    OUT/loss.png, and the final model (config.json, params/, tokenizer)
 
 A checkpoint is complete state -- params, optimizer state (AdaLomo factors), step, loss scale --
 and the data position and RNG are functions of (seed, step), so a resumed run is bit-identical to
 one never interrupted.
+
+One process at a time trains in a run directory: it holds OUT/.lock with flock, which the kernel
+releases when the process dies, so a crash leaves no stale lock. Holding it, a run puts back or
+removes what a crash left half-done (`atomic.recover_all`). Non-finite weights are never saved;
+a checkpoint is checked (checksums, finite weights) before it is resumed from, and a damaged one
+gives way to the one before it, with a warning.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import fcntl
 import json
 import logging
-import shutil
+import os
+import re
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
 import yaml
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 
 from lomo_jax import checkpoint
-from lomo_jax.atomic import OutputExistsError, atomic_directory
+from lomo_jax.atomic import (
+    OutputExistsError,
+    atomic_directory,
+    check_location,
+    discard,
+    recover_all,
+    write_file,
+)
+from lomo_jax.checkpoint import CheckpointError
 from lomo_jax.distributed import barrier, is_primary
-from lomo_jax.engine import TrainState
+from lomo_jax.engine import TrainState, all_finite
 from lomo_jax.loss_scale import ScaleState
 from lomo_jax.sharding import Layout
 
@@ -35,38 +58,131 @@ log = logging.getLogger("lomo_jax")
 CONFIG_FILE = "train_config.yaml"
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_DIR = "tensorboard"
+LOCK_FILE = ".lock"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step_\d{8}$")
 
 
 class NotARunError(ValueError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+class RunInUseError(RuntimeError):
+    pass
+
+
+_all_finite = jax.jit(all_finite)
+
+
+def _finite(tree: Any) -> bool:
+    return not jax.tree.leaves(tree) or bool(_all_finite(tree))
+
+
+def _lock(path: Path) -> IO | None:
+    """The run's lock, held until closed or the process ends (only process 0 takes it)."""
+    if not is_primary():
+        return None
+    f = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = (f.read().strip().splitlines() or ["another process"])[0]
+        f.close()
+        raise RunInUseError(f"{path}: in use by {holder}; let it finish or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"lomo-jax train, pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+class Events:
+    """TensorBoard scalars written and flushed in the caller's thread, so a full disk raises
+    here (tensorboardX's SummaryWriter writes from a thread that dies on it, and the training
+    loop then blocks on its queue forever)."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(directory / "events"))
+
+    def add(self, m: dict) -> None:
+        for k, v in m.items():
+            if k != "step":
+                event = Event(wall_time=time.time(), step=m["step"], summary=scalar(k, v))
+                self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class RunDir:
-    path: Path
+    """A run directory, locked by this process while it is open (a context manager)."""
+
+    def __init__(self, path: Path, lock: IO | None):
+        self.path, self._lock = path, lock
+        self._events: Events | None = None
+
+    @staticmethod
+    def check_new(out: str | Path) -> None:
+        """A new run can go to OUT: it is absent or an empty directory."""
+        path = Path(out)
+        check_location(path)
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise OutputExistsError(f"{path}: already exists (pass --resume {path} to continue it)")
 
     @classmethod
     def create(cls, out: str | Path) -> RunDir:
         """A new run: OUT must not exist or be empty."""
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise OutputExistsError(f"{path}: already exists (pass --resume {path} to continue it)")
+        cls.check_new(path)
         barrier("checked the output directory")  # before any process creates it
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        run = cls(path, _lock(path))
+        if is_primary() and any(p.name != LOCK_FILE for p in path.iterdir()):
+            run.close()  # another run got there between the check and the lock
+            raise OutputExistsError(f"{path}: already exists (pass --resume {path} to continue it)")
+        return run
 
     @classmethod
-    def existing(cls, out: str | Path) -> RunDir:
-        """A run to resume."""
+    def resume(cls, out: str | Path) -> RunDir:
+        """A run to resume, locked at once: a run in use is refused before anything loads."""
         path = Path(out)
         if not (path / CONFIG_FILE).is_file():
             raise NotARunError(f"{path}: not a training run (no {CONFIG_FILE}) to resume")
-        return cls(path)
+        return cls(path, _lock(path))
+
+    def close(self) -> None:
+        if self._events:
+            events, self._events = self._events, None
+            try:
+                events.close()
+            except OSError as e:  # a full disk: the error that stopped the run says more
+                log.warning("%s: %s", self.path / EVENTS_DIR, e.strerror or e)
+        if self._lock:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def recover(self) -> None:
+        """Puts back or removes what a crash left half-done (holding the lock, nothing else is
+        writing here)."""
+        if is_primary():
+            recover_all(self.path)
+            recover_all(self.path / CKPT_DIR)
+        barrier("recovered the run directory")
 
     # ---- the options --------------------------------------------------------------------
     def write_config(self, options: dict[str, Any]) -> None:
         if is_primary():
-            (self.path / CONFIG_FILE).write_text(yaml.safe_dump(options, sort_keys=False))
+            write_file(self.path / CONFIG_FILE, yaml.safe_dump(options, sort_keys=False))
 
     # ---- metrics ------------------------------------------------------------------------
     @property
@@ -74,27 +190,56 @@ class RunDir:
         return self.path / METRICS_FILE
 
     def history_until(self, step: int) -> list[dict]:
-        """The metrics up to `step`, rewritten so: what followed the checkpoint is dropped."""
+        """The metrics up to `step`, rewritten so: what followed the checkpoint is dropped, and
+        so is a line a crash cut short."""
         f = self.metrics_file
-        lines = f.read_text().splitlines() if f.exists() else []
-        history = [m for m in map(json.loads, lines) if m["step"] <= step]
+        lines = f.read_text(errors="replace").splitlines() if f.exists() else []
+        history, bad = [], []
+        for n, line in enumerate(lines, 1):
+            try:
+                m = json.loads(line)
+                if not isinstance(m, dict) or type(m.get("step")) is not int:
+                    raise ValueError
+            except ValueError:
+                bad.append(n)
+                continue
+            if m["step"] <= step:
+                history.append(m)
+        if bad:
+            log.warning("%s: dropped unreadable line(s) %s", f, ", ".join(map(str, bad)))
         barrier("read the metrics")
         if is_primary():
-            f.write_text("".join(json.dumps(m) + "\n" for m in history))
+            write_file(f, "".join(json.dumps(m) + "\n" for m in history))
         return history
 
-    def append_metrics(self, m: dict) -> None:
-        if is_primary():
-            with open(self.metrics_file, "a") as f:
-                f.write(json.dumps(m) + "\n")
+    def record(self, m: dict) -> None:
+        """One step's or evaluation's metrics, in metrics.jsonl and TensorBoard."""
+        if not is_primary():
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self._events is None:
+            self._events = Events(self.path / EVENTS_DIR)
+        self._events.add(m)
 
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         d = self.path / CKPT_DIR
-        return sorted(p for p in d.glob("step_*") if p.is_dir()) if d.is_dir() else []
+        steps = (p for p in d.iterdir() if _STEP_DIR.match(p.name)) if d.is_dir() else ()
+        return sorted(p for p in steps if p.is_dir())
+
+    def kept(self) -> str:
+        """The checkpoint the run would resume from, for messages."""
+        ckpts = self.checkpoints()
+        return str(ckpts[-1]) if ckpts else "none was saved"
 
     def save_state(self, state: TrainState, keep: int) -> Path:
         step = int(state.step)
+        if not (_finite(state.params) and _finite(state.opt_state)):
+            raise FloatingPointError(
+                f"the weights are not finite (inf/NaN) after step {step}; not saved, stopped, the "
+                f"last checkpoint is untouched ({self.kept()}); try a lower --lr"
+            )
         dest = self.path / CKPT_DIR / f"step_{step:08d}"
         with atomic_directory(dest, overwrite=True) as tmp:  # a kill here leaves the previous one
             checkpoint.write_params(tmp / "params", state.params)
@@ -105,17 +250,52 @@ class RunDir:
                 "clean_steps": int(state.scale.clean_steps),
             }
             if is_primary():
-                (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+                (tmp / STATE_FILE).write_text(json.dumps(meta) + "\n")
+                checkpoint.write_checksums(tmp)
         for old in self.checkpoints()[:-keep] if keep > 0 and is_primary() else []:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
         log.info("saved checkpoint %s", dest)
         return dest
+
+    def load_latest(self, like: TrainState, layout: Layout) -> TrainState | None:
+        """The newest checkpoint that loads whole, in the shapes and layout of `like`; a damaged
+        one is skipped, with a warning, for the one before it. None without checkpoints."""
+        ckpts = self.checkpoints()
+        for ckpt in reversed(ckpts):
+            try:
+                state = load_state(ckpt, like, layout)
+            except CheckpointError as e:
+                if ckpt == ckpts[0]:
+                    raise CheckpointError(f"{e} (and no older checkpoint loads)") from None
+                log.warning("%s; resuming from the checkpoint before it", e)
+                continue
+            log.info("resuming from %s", ckpt)
+            return state
+        return None
+
+
+def _read_state(f: Path) -> dict:
+    try:
+        meta = json.loads(f.read_text())
+        if not (
+            type(meta["step"]) is int
+            and meta["step"] >= 0
+            and type(meta["clean_steps"]) is int
+            and isinstance(meta["loss_scale"], float | int)
+        ):
+            raise ValueError
+        return meta
+    except FileNotFoundError:
+        raise CheckpointError(f"{f}: missing") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{f}: damaged (expected step, loss_scale, clean_steps)") from None
 
 
 def load_state(ckpt: Path, like: TrainState, layout: Layout) -> TrainState:
     """The checkpoint's state in the shapes and layout of `like` (arrays or ShapeDtypeStructs;
-    the mesh may differ from the saving one)."""
-    meta = json.loads((ckpt / "state.json").read_text())
+    the mesh may differ from the saving one), after checking every file and value."""
+    checkpoint.verify_checksums(ckpt)
+    meta = _read_state(ckpt / STATE_FILE)
     opt_state = (
         checkpoint.read_like(ckpt / "opt_state", like.opt_state)
         if jax.tree.leaves(like.opt_state)
@@ -127,4 +307,6 @@ def load_state(ckpt: Path, like: TrainState, layout: Layout) -> TrainState:
         np.int32(meta["step"]),
         ScaleState(np.float32(meta["loss_scale"]), np.int32(meta["clean_steps"])),
     )
+    if not (_finite(state.params) and _finite(opt_state)):
+        raise CheckpointError(f"{ckpt}: holds inf/NaN weights")
     return layout.on_mesh(state)

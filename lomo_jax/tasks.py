@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -116,35 +115,38 @@ def _lookup(task: str) -> tuple[Callable[[dict], Example], tuple[str, ...]]:
     return TASKS[task]
 
 
-def examples_from_records(task: str, records: Sequence[dict], path) -> list[Example]:
+def examples_from_records(
+    task: str, records: Sequence[dict], path, places: Sequence[str] | None = None
+) -> list[Example]:
+    """`places[i]` says where record i is (file:line) in error messages."""
     make, fields = _lookup(task)
+    places = places or [f"{path}:{n}" for n in range(1, len(records) + 1)]
     out = []
-    for n, r in enumerate(records, 1):
+    for r, place in zip(records, places):
         missing = [f for f in fields if f not in r]
         if task == "boolq" and "label" not in r and "answer" not in r:
             missing.append("label")
         if missing:
-            raise TaskError(f"{path}:{n}: missing field {missing[0]!r} for task {task}")
-        out.append(make(r))
+            raise TaskError(f"{place}: missing field {missing[0]!r} for task {task}")
+        try:
+            ex = make(r)
+            if not (isinstance(ex.context, str) and 0 <= ex.label < len(ex.candidates)):
+                raise ValueError(f"label {r.get('label', r.get('answer'))!r} is not a choice")
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise TaskError(f"{place}: not a {task} record ({e})") from None
+        out.append(ex)
     if not out:
         raise TaskError(f"{path}: no examples")
     return out
 
 
 def read_examples(task: str, path: str | Path) -> list[Example]:
-    """Examples of a task's jsonl file (one record per line, numbered from 1 in errors)."""
+    """Examples of a task's file (jsonl, or any format `data.load_records` reads)."""
+    from lomo_jax.data import load_records
+
     _lookup(task)  # an unknown task is reported before the file is read
-    p = Path(path)
-    if not p.is_file():
-        raise TaskError(f"{p}: file not found")
-    records = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise TaskError(f"{p}:{n}: not a JSON line") from None
-    return examples_from_records(task, records, p)
+    records, places = load_records(path)
+    return examples_from_records(task, records, path, places)
 
 
 @functools.partial(jit, static_argnums=0)

@@ -1,13 +1,16 @@
 """The training loop behind `lomo-jax train`: a config dataclass and one function.
 
-The run directory's layout is `lomo_jax.rundir`'s; what the run shows while it goes (progress,
-plot, Ctrl-C) is `lomo_jax.progress`'s.
+The run directory's layout is `lomo_jax.rundir`'s; what the run shows while it goes is
+`lomo_jax.progress`'s; how it stops on Ctrl-C or SIGTERM is `lomo_jax.interrupt`'s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,17 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from lomo_jax import checkpoint
+from lomo_jax import checkpoint, interrupt
 from lomo_jax.baseline import make_optax_train_step, optax_transform
-from lomo_jax.data import Rows, build_rows, check_tokenizer, check_vocab
-from lomo_jax.distributed import is_primary
+from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
+from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.engine import TrainState, init_train_state, make_fused_step
 from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
-from lomo_jax.progress import ProgressBar, deferred_interrupt, peak_memory_bytes, plot_losses
-from lomo_jax.rundir import RunDir, load_state
-from lomo_jax.schedule import Schedule
+from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
+from lomo_jax.rundir import RunDir
+from lomo_jax.schedule import SCHEDULES, Schedule
 from lomo_jax.sharding import Layout, MeshError, make_mesh
 
 log = logging.getLogger("lomo_jax")
@@ -39,6 +42,63 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 class ConfigError(ValueError):
     pass
+
+
+class OptionError(ConfigError):
+    """A bad value of one option (`from_sources` says which file it came from)."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"--{name.replace('_', '-')}: {problem}")
+
+
+class TrainingStopped(RuntimeError):
+    """The run could not go on (a full disk, ...); the message says what is kept."""
+
+
+_CHOICES = {
+    "format": FORMATS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "dtype": tuple(DTYPES),
+}
+_AT_LEAST = {
+    "lr": 0,
+    "steps": 1,
+    "batch_size": 1,
+    "seq_len": 2,
+    "weight_decay": 0,
+    "warmup_steps": 0,
+    "seed": 0,
+    "gradient_accumulation_steps": 1,
+    "eval_every": 0,
+    "save_every": 0,
+    "keep_checkpoints": 0,
+}
+_EXPECTED = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """`value` as the field's type: YAML reads `1e-3` as a string and `5` as an int."""
+    base, optional = kind.split("|")[0].strip(), "None" in kind
+    if value is None and optional:
+        return None
+    if base == "str" and isinstance(value, str) or base == "bool" and isinstance(value, bool):
+        return value
+    if base == "str" and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if base in ("int", "float") and isinstance(value, int | float | str):
+        if base == "int" and type(value) is int:
+            return value
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is not None and base == "float":
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+    raise OptionError(name, f"expected {_EXPECTED[base]}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -56,7 +116,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 512
     weight_decay: float = 0.0
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = None  # 0 = none, as in the Hugging Face Trainer
     clip_grad_value: float | None = None
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -72,8 +132,28 @@ class TrainConfig:
     mesh: str | None = None  # e.g. "fsdp=8", "data=2,fsdp=4"; default: every device on fsdp
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        """Every value checked before anything is written (files are checked by `train`)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, str(f.type), getattr(self, f.name)))
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise OptionError(
+                    name, f"{getattr(self, name)!r}; choose from {', '.join(choices)}"
+                )
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= low):
+                raise OptionError(name, f"must be at least {low}, got {value}")
+        for name in ("clip_grad_norm", "clip_grad_value"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise OptionError(name, f"must be positive (0 or absent: no clipping), got {value}")
+            if value == 0:
+                setattr(self, name, None)
+        if not 0 <= self.eval_fraction < 1:
+            raise OptionError("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data:
+            raise OptionError("eval_fraction", "give --eval-data or --eval-fraction, not both")
         if self.gradient_accumulation_steps != 1 and self.optimizer in ("lomo", "adalomo"):
             raise ConfigError(
                 "gradient accumulation is impossible with fused LOMO/AdaLomo: each "
@@ -81,10 +161,15 @@ class TrainConfig:
                 "--batch-size instead"
             )
 
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
         """Dataclass defaults < YAML file < command-line flags that were given."""
         values: dict[str, Any] = {}
+        loaded: dict[str, Any] = {}
         if yaml_file:
             p = Path(yaml_file)
             if not p.is_file():
@@ -95,7 +180,7 @@ class TrainConfig:
                 raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: expected a mapping of option: value")
-            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)})
+            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)}, key=str)
             if unknown:
                 raise ConfigError(f"{p}: unknown option {unknown[0]!r}")
             values.update(loaded)
@@ -103,7 +188,12 @@ class TrainConfig:
         missing = [k for k in ("model", "data", "out") if values.get(k) is None]
         if missing:
             raise ConfigError(f"missing required option --{missing[0]} (flag or config file)")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except OptionError as e:
+            if e.name in loaded and e.name not in overrides:
+                raise ConfigError(f"{yaml_file}: {e.name}: {e.problem}") from None
+            raise
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -133,13 +223,15 @@ def _make_step(c: TrainConfig, cfg, params, layout: Layout):
         )
     tx = optax_transform(c.optimizer, schedule, c.weight_decay, c.clip_grad_norm, c.clip_grad_value)
     state = TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
-    return layout.on_mesh(state), make_optax_train_step(cfg, tx, schedule)
+    step = make_optax_train_step(cfg, tx, schedule, c.gradient_accumulation_steps)
+    return layout.on_mesh(state), step
 
 
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
     if c.eval_data:
-        eval_rows = build_rows(c.format, c.eval_data, tokenizer, c.seq_len, c.task, c.template)
-        check_vocab(eval_rows, vocab, c.eval_data)
+        eval_rows = build_rows(
+            c.format, c.eval_data, tokenizer, c.seq_len, c.task, c.template, vocab
+        )
         return rows, eval_rows
     if c.eval_fraction > 0:
         order = np.random.default_rng([c.seed, 2**31 - 1]).permutation(len(rows))
@@ -148,54 +240,82 @@ def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows
     return rows, None
 
 
-def train(c: TrainConfig, resume: bool = False) -> list[dict]:
-    from tensorboardX import SummaryWriter
-
+def _load_inputs(c: TrainConfig, layout: Layout):
+    """The model and the training / validation rows, every input checked."""
     from lomo_jax.pretrained import from_pretrained
 
-    try:
-        layout = Layout(make_mesh(c.mesh))
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    log.info("mesh %s over %d process(es)", dict(layout.mesh.shape), jax.process_count())
-    splits = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-    if c.batch_size % splits:
-        log.warning(
-            "batch size %d is not a multiple of data x fsdp = %d: devices will repeat "
-            "each other's rows (correct, but wasted work)",
-            c.batch_size,
-            splits,
-        )
     model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype], layout=layout)
     cfg = model.config
+    check_seq_len(c.seq_len, cfg, c.model)
     check_tokenizer(model.tokenizer, cfg.vocab_size)
-    rows = build_rows(c.format, c.data, model.tokenizer, c.seq_len, c.task, c.template)
-    check_vocab(rows, cfg.vocab_size, c.data)
+    rows = build_rows(
+        c.format, c.data, model.tokenizer, c.seq_len, c.task, c.template, cfg.vocab_size
+    )
     rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
-    # Only after every input has been checked.
-    run = RunDir.existing(c.out) if resume else RunDir.create(c.out)
-    run.write_config(dataclasses.asdict(c))
-    primary = is_primary()  # the one process that writes the run's files
-
-    state, step_fn = _make_step(c, cfg, model.params, layout)
-    if resume and run.checkpoints():
-        ckpt = run.checkpoints()[-1]
-        like = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    if c.rows_per_step > len(rows):
+        held = f" ({len(eval_rows)} held out for validation)" if c.eval_fraction else ""
+        accumulated = (
+            f" x {c.gradient_accumulation_steps}" if c.rows_per_step > c.batch_size else ""
         )
-        model.params = state = None  # free the starting weights: never hold two copies
-        state = load_state(ckpt, like, layout)
-        log.info("resuming from %s", ckpt)
+        raise OptionError(
+            "batch_size",
+            f"{c.batch_size}{accumulated} rows per step, but {c.data} gives "
+            f"{len(rows)} training rows{held}",
+        )
+    return model, rows, eval_rows
+
+
+def train(c: TrainConfig, resume: bool = False) -> list[dict]:
+    """Trains (or resumes) the run in `c.out`; returns its metrics."""
+    with interrupt.caught(), contextlib.ExitStack() as stack:
+        if resume:  # refused at once when the run is in use
+            run = stack.enter_context(RunDir.resume(c.out))
+        else:
+            RunDir.check_new(c.out)
+        try:
+            layout = Layout(make_mesh(c.mesh))
+        except MeshError as e:
+            raise ConfigError(str(e)) from None
+        log.info("mesh %s over %d process(es)", dict(layout.mesh.shape), jax.process_count())
+        splits = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+        if c.batch_size % splits:
+            log.warning(
+                "batch size %d is not a multiple of data x fsdp = %d: devices will repeat "
+                "each other's rows (correct, but wasted work)",
+                c.batch_size,
+                splits,
+            )
+        model, rows, eval_rows = _load_inputs(c, layout)
+        if signum := _stop_requested():
+            raise interrupt.Interrupted(signum, "before training started; nothing written")
+        if not resume:
+            run = stack.enter_context(RunDir.create(c.out))
+        run.recover()
+        run.write_config(dataclasses.asdict(c))
+        state, step_fn = _make_step(c, model.config, model.params, layout)
+        if resume and run.checkpoints():
+            like = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+            )
+            model.params = state = None  # free the starting weights: never hold two copies
+            state = run.load_latest(like, layout)
+        return _loop(c, run, model, state, step_fn, rows, eval_rows, layout)
+
+
+def _stop_requested() -> int | None:
+    """The signal that asked any process to stop (all of them must stop at the same step)."""
+    return any_process(interrupt.requested() or 0) or None
+
+
+def _loop(c: TrainConfig, run: RunDir, model, state, step_fn, rows, eval_rows, layout):
+    cfg = model.config
     start = int(state.step)
     history = run.history_until(start)  # keep the curve up to the checkpoint
-    tb = SummaryWriter(str(run.path / "tensorboard")) if primary else None
+    saved = start  # the step of the newest checkpoint on disk (or the start)
 
     def record(m: dict) -> None:
         history.append(m)
-        run.append_metrics(m)
-        for k, v in m.items() if tb else ():
-            if k != "step":
-                tb.add_scalar(k, v, m["step"])
+        run.record(m)
 
     def evaluate(step: int) -> None:
         r = evaluate_loss(cfg, state.params, eval_rows, c.batch_size, layout)
@@ -204,16 +324,27 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
 
     t_start = time.perf_counter()
     bar = ProgressBar(c.steps, start) if sys.stderr.isatty() else None
-    with deferred_interrupt() as interrupted:
+    try:
         for step in range(start, c.steps):
-            b = rows.take(batch_indices(len(rows), c.batch_size, step, c.shuffle, c.seed))
+            if signum := _stop_requested():
+                if bar:
+                    bar.close()
+                kept = (
+                    f"saved {run.save_state(state, c.keep_checkpoints)}"
+                    if step > saved
+                    else f"nothing new to save, the last checkpoint is untouched ({run.kept()})"
+                )
+                raise interrupt.Interrupted(
+                    signum, f"at step {step}: {kept}; lomo-jax train --resume {run.path} goes on"
+                )
+            b = rows.take(batch_indices(len(rows), c.rows_per_step, step, c.shuffle, c.seed))
             t0 = time.perf_counter()
             new_state, m = step_fn(state, layout.put_batch(b.batch()))
             m = {k: float(v) for k, v in m.items()}  # waits for the step
             if not np.isfinite(m["loss"]) and c.dtype != "float16":
                 raise FloatingPointError(
-                    f"loss is {m['loss']} at step {step + 1}; stopped, the "
-                    "last checkpoint is untouched"
+                    f"loss is {m['loss']} at step {step + 1}; stopped, the last checkpoint is "
+                    f"untouched ({run.kept()})"
                 )
             state = new_state
             dt = time.perf_counter() - t0
@@ -236,23 +367,21 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 evaluate(step + 1)
             if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
                 run.save_state(state, c.keep_checkpoints)
-            if interrupted():
-                if bar:
-                    bar.close()
-                log.info("interrupted: saving a checkpoint at step %d", int(state.step))
-                run.save_state(state, c.keep_checkpoints)
-                if tb:
-                    tb.close()
-                raise KeyboardInterrupt
-    if bar:
-        bar.close()
-    if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
-        evaluate(c.steps)
-    run.save_state(state, c.keep_checkpoints)  # the final step is always saved
-    files = model.tokenizer.files if model.tokenizer else ()
-    checkpoint.write_model(run.path, cfg, state.params, files)
-    if primary:
-        tb.close()
-        plot_losses(run.path / "loss.png", {"": history})
+                saved = step + 1
+        if bar:
+            bar.close()
+        if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
+            evaluate(c.steps)
+        run.save_state(state, c.keep_checkpoints)  # the final step is always saved
+        files = model.tokenizer.files if model.tokenizer else ()
+        checkpoint.write_model(run.path, cfg, state.params, files)
+        if is_primary():
+            plot_losses(run.path / "loss.png", {"": history})
+    except OSError as e:  # a full disk, a file system gone read-only, ...
+        where = f"{e.filename}: " if e.filename else ""
+        raise TrainingStopped(
+            f"{where}{e.strerror or e}; stopped at step {int(state.step)}, the last checkpoint "
+            f"is untouched ({run.kept()})"
+        ) from e
     log.info("saved the model in %s (loss plot: %s)", run.path, run.path / "loss.png")
     return history

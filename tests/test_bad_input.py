@@ -8,7 +8,7 @@ import pytest
 from convert.export import write_hf
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
-from tests.conftest import CONFIGS, edit_config, make_hf_dir
+from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir
 
 CFG = CONFIGS["gqa"]
 
@@ -83,6 +83,26 @@ def hf_unsupported_activation(tmp):
     return d, "config.json", "hidden_act 'gelu' is not supported"
 
 
+def hf_config(**changes):
+    """An HF checkpoint whose config.json has CHANGES (null: derived, as if absent)."""
+
+    def case(tmp):
+        return (
+            edit_config(make_hf_dir(tmp / "src", CFG), **changes),
+            "config.json",
+            "invalid config: ",
+        )
+
+    case.__name__ = "hf_config_" + "_".join(f"{k}={v}" for k, v in changes.items())
+    return case
+
+
+def hf_config_not_an_object(tmp):
+    d = make_hf_dir(tmp / "src", CFG)
+    (d / "config.json").write_text("[64, 4]")
+    return d, "config.json", "expected a JSON object of settings, got list"
+
+
 def hf_bad_json(tmp):
     d = make_hf_dir(tmp / "src", CFG)
     (d / "config.json").write_text("{not json")
@@ -133,6 +153,22 @@ def missing_source(tmp):
     return tmp / "nowhere", "nowhere", "no such file or directory"
 
 
+CONFIG_CASES = [
+    (hf_config(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    (hf_config(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+    (hf_config(num_hidden_layers=2.5), "num_hidden_layers must be a positive integer, got 2.5"),
+    (hf_config(vocab_size=-3), "vocab_size must be a positive integer, got -3"),
+    (hf_config(num_key_value_heads=0), "num_key_value_heads must be a positive integer, got 0"),
+    (
+        hf_config(num_attention_heads=6, num_key_value_heads=2, head_dim=None),
+        "hidden_size=64 is not a multiple of num_attention_heads=6",
+    ),
+    (hf_config(rms_norm_eps="small"), "rms_norm_eps must be a positive number, got 'small'"),
+    (hf_config(rope_scaling=[8.0]), "rope_scaling must be an object, got [8.0]"),
+    (hf_config(tie_word_embeddings="no"), "tie_word_embeddings must be true or false, got 'no'"),
+    (hf_config(eos_token_id="</s>"), "eos_token_id must be a token id (an integer >= 0), got '<"),
+]
+
 CASES = [
     hf_missing_shard,
     hf_truncated,
@@ -150,12 +186,16 @@ CASES = [
     llama2c_v2_trailing_data,
     llama2c_unknown_version,
     missing_source,
+    hf_config_not_an_object,
+    *(make for make, _ in CONFIG_CASES),
 ]
+PROBLEMS = {make.__name__: problem for make, problem in CONFIG_CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_import_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
     src, file_part, problem = case(tmp_path)
+    problem += PROBLEMS.get(case.__name__, "")
     out_parent = tmp_path / "outs"
     out_parent.mkdir()
     assert main(["import", str(src), str(out_parent / "ckpt")]) == 1
@@ -183,31 +223,85 @@ def test_export_of_a_non_checkpoint_fails_cleanly(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_tokenizer_fails_cleanly(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["tok.model", "notes.txt"])
+def test_bad_tokenizer_fails_cleanly(tmp_path, capsys, name):
     src = make_hf_dir(tmp_path / "src", CFG)
-    bogus = tmp_path / "tok.model"
+    bogus = tmp_path / name
     bogus.write_bytes(b"not a sentencepiece model")
-    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 0
-    assert main(["generate", str(tmp_path / "ckpt")]) == 1
+    # Refused by the import, not only later by generate.
+    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lomo-jax: error: {bogus}: not a SentencePiece model"), err
+    assert "\n" not in err and not (tmp_path / "ckpt").exists()
+
+
+def test_damaged_checkpoint_config_fails_cleanly(tmp_path, capsys):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), num_attention_heads=0)))
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "tokenizer.model" in err and "not a SentencePiece model" in err
+    assert err == (
+        f"lomo-jax: error: {config}: invalid config: "
+        "num_attention_heads must be a positive integer, got 0"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 def test_damaged_tiktoken_tokenizer_fails_cleanly(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "src", CFG)
     bogus = tmp_path / "tokenizer.model"
     bogus.write_bytes(b"IQ== 0\nIg== 1\nIw== two\n")  # Llama 3's tiktoken format, line 3 damaged
-    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 0
-    assert main(["generate", str(tmp_path / "ckpt")]) == 1
+    # Refused by the import, not only later by generate.
+    assert main(["import", str(src), str(tmp_path / "ckpt"), "--tokenizer", str(bogus)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer.model: line 3 is not a tiktoken" in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("command", ["import", "export"])
+def test_output_under_a_file_fails_cleanly(tmp_path, capsys, command):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    if command == "export":
+        assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0
+        src = tmp_path / "ckpt"
+    (tmp_path / "notes.txt").write_text("x")
+    out = tmp_path / "notes.txt" / "out"
+    assert main([command, str(src), str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "tokenizer.model: line 3 is not a tiktoken" in err
+    assert err == f"lomo-jax: error: {out}: cannot be created, {tmp_path / 'notes.txt'} is a file"
 
 
-def test_damaged_checkpoint_index_fails_cleanly(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--temperature", "-1"], "temperature must be at least 0 (0 = greedy), got -1.0"),
+        (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+        (["--max-new-tokens", "-3"], "max_new_tokens must be at least 0, got -3"),
+    ],
+)
+def test_bad_sampling_options_fail_cleanly(tmp_path, capsys, flags, problem):
+    src = make_hf_dir(tmp_path / "src", CFG)
+    tok = data_path("llama2c", "tok512.model")
+    assert main(["generate", str(src), "--tokenizer", str(tok), *flags]) == 1
+    assert capsys.readouterr().err.strip() == f"lomo-jax: error: {problem}"
+
+
+@pytest.mark.parametrize(
+    "checksums, problem",
+    [
+        (True, "leaves.json: 17 bytes, 729 when saved (cut short?)"),
+        (False, "leaves.json: not a lomo-jax parameter index"),  # saved before checksums were
+    ],
+)
+def test_damaged_checkpoint_index_fails_cleanly(tmp_path, capsys, checksums, problem):
     src = make_hf_dir(tmp_path / "src", CFG)
     assert main(["import", str(src), str(tmp_path / "ckpt")]) == 0
     (tmp_path / "ckpt" / "params" / "leaves.json").write_text('["old", "format"]')
+    if not checksums:
+        (tmp_path / "ckpt" / "params" / "checksums.json").unlink()
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "leaves.json: not a lomo-jax parameter index" in err
+    assert problem in err
     assert not (tmp_path / "out").exists()

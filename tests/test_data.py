@@ -133,6 +133,41 @@ def test_tokenized_rows_are_cached_and_invalidated(stories, tmp_path, monkeypatc
     assert not (changed.input_ids[0] == first.input_ids[0]).all()
 
 
+def truncate_file(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def flip_byte(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [truncate_file, flip_byte])
+def test_a_damaged_cache_file_is_rebuilt(stories, tmp_path, monkeypatch, caplog, damage):
+    monkeypatch.setenv("LOMO_JAX_CACHE", str(tmp_path / "cache"))
+    tok = lomo_jax.from_pretrained(stories).tokenizer
+    data = tmp_path / "t.txt"
+    data.write_text("Tom had a red ball.\n" * 40)
+    first = build_rows("text", data, tok, 32)
+    [cached] = (tmp_path / "cache").glob("rows-*.npz")
+    damage(cached)
+    again = build_rows("text", data, tok, 32)
+    assert (again.input_ids == first.input_ids).all() and (again.labels == first.labels).all()
+    assert f"{cached}: damaged cache file" in caplog.text
+    assert build_rows("text", data, tok, 32).input_ids.tolist() == first.input_ids.tolist()
+
+
+def test_an_unwritable_cache_is_skipped(stories, tmp_path, monkeypatch, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("LOMO_JAX_CACHE", str(tmp_path / "file" / "cache"))
+    tok = lomo_jax.from_pretrained(stories).tokenizer
+    data = tmp_path / "t.txt"
+    data.write_text("Tom had a red ball.\n" * 40)
+    assert len(build_rows("text", data, tok, 32)) > 0
+    assert "cannot write the cache" in caplog.text
+
+
 def test_template_format_puts_loss_on_the_response_only(stories, tmp_path, monkeypatch):
     monkeypatch.setenv("LOMO_JAX_CACHE", str(tmp_path / "cache"))
     tok = lomo_jax.from_pretrained(stories).tokenizer

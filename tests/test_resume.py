@@ -1,18 +1,22 @@
-"""A run killed with SIGKILL after a checkpoint and resumed equals a run never interrupted, bit
-for bit: same loss curve, same weights, with shuffling on and AdaLomo state."""
+"""A run killed with SIGKILL in the middle of a checkpoint and resumed equals a run never
+interrupted, bit for bit: same loss curve, same weights, with shuffling on and AdaLomo state.
+SIGTERM and Ctrl-C save a checkpoint that resumes; a non-finite run never saves its weights."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 import yaml
 
 import lomo_jax
+from lomo_jax.checkpoint import read_params
 from lomo_jax.cli import main
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_train_cli import write_rows
@@ -60,29 +64,44 @@ def losses(out):
     ]
 
 
+REPO = Path(__file__).resolve().parents[1]
+LEFTOVER = re.compile(r"^\..+\.(tmp|new|old|del)-[0-9a-z]+$")
+
+
+def run_with_fault(
+    fault: str, argv: list[str], timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`lomo-jax ARGV` in a process of its own with FAULT injected (tests/faults.py)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.faults", fault, *argv],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def leftovers(run):
+    return sorted(str(p) for p in run.rglob(".*") if LEFTOVER.match(p.name))
+
+
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
     src = make_hf_dir(tmp_path / "hf", CFG)
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 40, 16, seed=1))
 
     assert main(args(src, data, tmp_path / "straight")) == 0
 
+    # SIGKILL in the middle of the step-15 checkpoint (its params written, its optimizer state
+    # not): the 6th parameter tree the run writes (steps 5, 10, 15 write two each).
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lomo_jax.cli", *args(src, data, killed)],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
-    target = killed / "checkpoints" / "step_00000010"
-    deadline = time.time() + 300
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = run_with_fault("kill-at-save=6", args(src, data, killed))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (killed / "params").exists()  # it really died before the end
+    assert leftovers(killed), "the kill should have cut a checkpoint short"
+    assert (killed / "checkpoints" / "step_00000010").is_dir()
 
-    assert main(["train", "--resume", str(killed)]) == 0
+    assert main(["train", "--resume", str(killed)]) == 0  # the dead process's lock is no obstacle
     assert losses(killed) == losses(tmp_path / "straight")
     a = jax.tree.leaves(lomo_jax.from_pretrained(tmp_path / "straight").params)
     b = jax.tree.leaves(lomo_jax.from_pretrained(killed).params)
@@ -91,49 +110,81 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert (killed / "loss.png").stat().st_size > 0
     assert list((killed / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((killed / "checkpoints").iterdir())) == 2  # keep the last two
+    assert leftovers(killed) == []
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+def signal_at(monkeypatch, step: int, *signals: signal.Signals) -> None:
+    """Sends SIGNALS to this process as the loop starts step STEP (counted from 0)."""
+    import lomo_jax.train
+
+    original = lomo_jax.train.batch_indices
+
+    def hooked(n_rows, batch_size, s, shuffle, seed):
+        if s == step:
+            for sig in signals:
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    raise AssertionError(f"{sig.name} would kill the process: nothing catches it")
+                signal.raise_signal(sig)
+        return original(n_rows, batch_size, s, shuffle, seed)
+
+    monkeypatch.setattr(lomo_jax.train, "batch_indices", hooked)
+
+
+def test_sigterm_saves_a_second_signal_stops_at_once_and_the_run_resumes(
+    tmp_path, monkeypatch, capsys
+):
     src = make_hf_dir(tmp_path / "hf", CFG)
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 40, 16, seed=1))
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lomo_jax.cli",
-        *train_args(
-            src,
-            data,
-            run,
-            "--steps",
-            "100000",
-            "--batch-size",
-            "4",
-            "--seq-len",
-            "16",
-        ),
-    ]
-    log = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=os.getcwd()), stderr=log)
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 300
-    while (
-        (not metrics.exists() or len(metrics.read_text().splitlines()) < 3)
-        and time.time() < deadline
-        and proc.poll() is None
-    ):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=300) == 130, (tmp_path / "stderr.txt").read_text()[-2000:]
-    saved = sorted((run / "checkpoints").iterdir())
-    assert len(saved) == 1
-    step = json.loads((saved[0] / "state.json").read_text())["step"]
-    assert step >= 3
-    assert main(["train", "--resume", str(run), "--steps", str(step + 2)]) == 0
-    assert losses(run)[-1][0] == step + 2
+    argv = train_args(src, data, run, "--steps", "6", "--batch-size", "4", "--seq-len", "16")
+
+    with monkeypatch.context() as m:  # a scheduler's SIGTERM during the third step
+        signal_at(m, 2, signal.SIGTERM)
+        assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    ckpt = run / "checkpoints" / "step_00000003"
+    assert err == (
+        f"lomo-jax: interrupted (SIGTERM) at step 3: saved {ckpt}; "
+        f"lomo-jax train --resume {run} goes on"
+    )
+    assert sorted((run / "checkpoints").iterdir()) == [ckpt]
+
+    with monkeypatch.context() as m:  # Ctrl-C twice during the fifth step: stop at once
+        signal_at(m, 4, signal.SIGINT, signal.SIGINT)
+        assert main(["train", "--resume", str(run)]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "lomo-jax: interrupted (Ctrl-C) stopped at once; nothing half-written was kept"
+    assert sorted((run / "checkpoints").iterdir()) == [ckpt]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [m[0] for m in losses(run)] == [1, 2, 3, 4, 5, 6]
+    assert leftovers(run) == []
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_ctrl_c_during_the_imports_stops_before_anything_is_written(tmp_path):
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
+    run = tmp_path / "run"
+    argv = train_args(src, data, run, "--steps", "2", "--batch-size", "4", "--seq-len", "16")
+    proc = run_with_fault("sigint-at-import", argv)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "lomo-jax: interrupted (Ctrl-C) before training started; nothing written"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "dtype, message, kept",
+    [  # float32: the loss of step 2 is NaN; float16: step 1's update overflows the weights
+        ("float32", "loss is nan at step 2; stopped, the last checkpoint is untouched", 1),
+        ("float16", "the weights are not finite (inf/NaN) after step 1; not saved", 0),
+    ],
+)
+def test_non_finite_stops_and_keeps_the_last_finite_checkpoint(
+    tmp_path, capsys, dtype, message, kept
+):
     src = make_hf_dir(tmp_path / "hf", CFG)
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
     run = tmp_path / "run"
@@ -146,6 +197,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
             "lomo",
             "--lr",
             "1e30",
+            "--dtype",
+            dtype,
             "--steps",
             "5",
             "--batch-size",
@@ -158,5 +211,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     )
     assert rc == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "loss is nan at step 2" in err and "last checkpoint is untouched" in err
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
+    assert err.startswith("lomo-jax: error: ") and message in err, err
+    saved = sorted((run / "checkpoints").iterdir()) if (run / "checkpoints").exists() else []
+    assert [p.name for p in saved] == [f"step_{s:08d}" for s in range(1, kept + 1)]
+    for p in saved:  # what --resume would pick is finite
+        params = read_params(p / "params")
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 import lomo_jax
+from lomo_jax.baseline import accumulated_value_and_grad, make_optax_step, optax_transform
 from lomo_jax.cli import main
 from lomo_jax.engine import init_train_state, make_fused_step
-from lomo_jax.loss import Batch
+from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout, make_mesh
@@ -73,6 +74,57 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf-out")]) == 0
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    """Four micro-batches of 2 rows give the loss and gradient of one batch of 8, also when the
+    rows carry different numbers of loss tokens (the slices are weighted by them)."""
+    ids = random_ids(CFG, 8, 16, seed=5)
+    labels = ids.copy()
+    for r in range(8):
+        labels[r, : 2 * r] = IGNORE  # row r: 2r prompt tokens without loss
+    batch = Batch(ids, labels)
+    params = lomo_jax.init_params(CFG, jax.random.key(1))
+    whole = jax.jit(accumulated_value_and_grad, static_argnums=(0, 3))(CFG, params, batch, 1)
+    split = jax.jit(accumulated_value_and_grad, static_argnums=(0, 3))(CFG, params, batch, 4)
+    np.testing.assert_allclose(split[0], whole[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(split[1]), jax.tree.leaves(whole[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_train_cli_accumulates_gradients(tmp_path):
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    rows = random_ids(CFG, 8, 16, seed=3)
+    data = write_rows(tmp_path / "data.jsonl", rows)
+    flags = ["--optimizer", "sgd", "--lr", "0.1", "--steps", "2", "--seq-len", "16"]
+    flags += ["--batch-size", "2", "--gradient-accumulation-steps", "2", "--no-shuffle"]
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(src),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+                *flags,
+            ]
+        )
+        == 0
+    )
+
+    # The un-accumulated step on the 4 rows of each step.
+    tx = optax_transform("sgd", Schedule(0.1, total_steps=2))
+    step = make_optax_step(CFG, tx)
+    params = lomo_jax.from_pretrained(src).params
+    state = tx.init(params)
+    for k in range(2):
+        ids = rows[4 * k : 4 * k + 4]
+        params, state, _ = step(params, state, Batch(ids, ids))
+    trained = lomo_jax.from_pretrained(tmp_path / "r").params
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
