@@ -122,14 +122,16 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 MESH_HELP = "shard the model over devices: fsdp=8, data=2,fsdp=4, ..."
 
 
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+def _checked(kind: type, ok, requirement: str):
+    """An argparse type: a `kind` number for which `ok` holds."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value}")
         return value
 
-    parse.__name__ = "integer"  # what argparse names in "invalid integer value"
+    parse.__name__ = kind.__name__  # argparse says "invalid int value" for text that is none
     return parse
 
 
@@ -157,7 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="convert a lomo-jax checkpoint to a HF directory")
     s.add_argument("ckpt")
     s.add_argument("out")
-    s.add_argument("--max-shard-size", type=float, help="MiB per safetensors shard (default 5 GiB)")
+    s.add_argument(
+        "--max-shard-size",
+        type=_checked(float, lambda v: v > 0, "positive"),
+        help="MiB per safetensors shard (default 5 GiB)",
+    )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_export)
 
@@ -236,8 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
     s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
     s.add_argument("--template", help="with --format template: the prompt / response YAML")
-    s.add_argument("--seq-len", type=_at_least(2), default=512)
-    s.add_argument("--batch-size", type=_at_least(1), default=16)
+    s.add_argument("--seq-len", type=_checked(int, lambda v: v >= 2, "at least 2"), default=512)
+    s.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "at least 1"), default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
     s.add_argument("--mesh", help=MESH_HELP)

@@ -149,6 +149,8 @@ def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
             try:
                 got = datasets.load_dataset(kind, data_files=str(f), split="train").to_list()
             except Exception as e:  # datasets raises many types for malformed files
+                while e.__cause__ is not None:  # the parser's own error says what is wrong
+                    e = e.__cause__
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
             where = [

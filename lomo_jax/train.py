@@ -173,7 +173,7 @@ class TrainConfig:
         if yaml_file:
             p = Path(yaml_file)
             if not p.is_file():
-                raise ConfigError(f"{p}: file not found")
+                raise ConfigError(f"{p}: {'a directory' if p.is_dir() else 'file not found'}")
             try:
                 loaded = yaml.safe_load(p.read_text()) or {}
             except yaml.YAMLError as e:

@@ -305,3 +305,23 @@ def test_damaged_checkpoint_index_fails_cleanly(tmp_path, capsys, checksums, pro
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert problem in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (
+            ["eval", "m", "--data", "d", "--batch-size", "0"],
+            "--batch-size: must be at least 1, got 0",
+        ),
+        (["eval", "m", "--data", "d", "--seq-len", "1"], "--seq-len: must be at least 2, got 1"),
+        (
+            ["export", "m", "o", "--max-shard-size", "-1"],
+            "--max-shard-size: must be positive, got -1.0",
+        ),
+    ],
+)
+def test_bad_flag_values_are_refused_by_the_parser(capsys, argv, problem):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and problem in capsys.readouterr().err
