@@ -15,7 +15,7 @@ from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout, make_mesh
-from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 
 CFG = CONFIGS["gqa"]
 
@@ -98,21 +98,7 @@ def test_train_cli_accumulates_gradients(tmp_path):
     data = write_rows(tmp_path / "data.jsonl", rows)
     flags = ["--optimizer", "sgd", "--lr", "0.1", "--steps", "2", "--seq-len", "16"]
     flags += ["--batch-size", "2", "--gradient-accumulation-steps", "2", "--no-shuffle"]
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(src),
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / "r"),
-                *flags,
-            ]
-        )
-        == 0
-    )
+    assert main(train_args(src, data, tmp_path / "r", *flags)) == 0
 
     # The un-accumulated step on the 4 rows of each step.
     tx = optax_transform("sgd", Schedule(0.1, total_steps=2))
