@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -292,8 +293,8 @@ def _one_line(e: BaseException) -> str:
 
 def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
     """What a stop on a signal kept, and the exit status (128 + the signal, as a shell does)."""
-    signum = getattr(e, "signum", 2)
-    name = "Ctrl-C" if signum == 2 else "SIGTERM" if signum == 15 else f"signal {signum}"
+    signum = getattr(e, "signum", signal.SIGINT)
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     detail = str(e) or "stopped at once; nothing half-written was kept"
     return f"lomo-jax: interrupted ({name}) {detail}", 128 + signum
 

@@ -27,10 +27,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         self.signum = signum
 
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum
-
 
 class _Requests:
     def __init__(self):
@@ -44,7 +40,7 @@ class _Requests:
             raise Interrupted(signum)
         self.signum = signum
         log.warning(
-            "%s: stopping at the next step boundary, after saving (again to stop at once)",
+            "%s: stopping at the next safe point (send it again to stop at once)",
             signal.Signals(signum).name,
         )
 

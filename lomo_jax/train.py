@@ -79,25 +79,24 @@ _EXPECTED = {"str": "a string", "bool": "true or false", "int": "an integer", "f
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
-    """`value` as the field's type: YAML reads `1e-3` as a string and `5` as an int."""
-    base, optional = kind.split("|")[0].strip(), "None" in kind
-    if value is None and optional:
+    """`value` as the field's type (`kind`, e.g. "float | None"): YAML reads `1e-3` as text."""
+    base = kind.split("|")[0].strip()
+    if value is None and "None" in kind:
         return None
-    if base == "str" and isinstance(value, str) or base == "bool" and isinstance(value, bool):
-        return value
-    if base == "str" and isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if base in ("int", "float") and isinstance(value, int | float | str):
-        if base == "int" and type(value) is int:
+    if isinstance(value, bool):  # an int to Python, never a number here
+        if base == "bool":
             return value
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is not None and base == "float":
-            return number
-        if number is not None and number.is_integer():
-            return int(number)
+    elif base == "str" and isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    elif base == "int" and isinstance(value, int):
+        return value
+    elif base in ("int", "float") and isinstance(value, int | float | str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            if base == "float":
+                return number
+            if number.is_integer():
+                return int(number)
     raise OptionError(name, f"expected {_EXPECTED[base]}, got {value!r}")
 
 
