@@ -168,8 +168,9 @@ def test_ctrl_c_during_the_imports_stops_before_anything_is_written(tmp_path):
     run = tmp_path / "run"
     argv = train_args(src, data, run, "--steps", "2", "--batch-size", "4", "--seq-len", "16")
     proc = run_with_fault("sigint-at-import", argv)
+    # (JAX's own log may hold a traceback: a CUDA plugin installed on a machine without CUDA.)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert "KeyboardInterrupt" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last == "lomo-jax: interrupted (Ctrl-C) before training started; nothing written"
     assert not run.exists()
