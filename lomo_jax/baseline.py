@@ -18,6 +18,7 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import TrainState
 from lomo_jax.loss import IGNORE, Batch, checkpointed_loss, next_token_targets, num_targets
 from lomo_jax.optim import StepScalars, UpdateRule, apply_updates, clip_coefficient, global_norm_sq
+from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
 
 
@@ -94,11 +95,19 @@ def make_optax_train_step(
 
 
 def unfused_step(
-    cfg: LlamaConfig, rule: UpdateRule, schedule: Schedule, state: TrainState, batch: Batch
+    cfg: LlamaConfig,
+    rule: UpdateRule,
+    schedule: Schedule,
+    state: TrainState,
+    batch: Batch,
+    rounding: str = "stochastic",
+    seed: int = 0,
 ):
-    """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal."""
+    """LOMO / AdaLomo driven by a full `jax.grad` tree: the reference the fused step must equal
+    (the same rounding keys, so the same random bits)."""
     loss, grads = jax.value_and_grad(functools.partial(checkpointed_loss, cfg))(state.params, batch)
-    sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0))
+    key = step_key(rounding, seed, state.step)
+    sc = StepScalars(schedule(state.step), state.step + 1, jnp.float32(1.0), jnp.float32(1.0), key)
     if rule.clip_grad_norm is not None:
         sc = sc._replace(clip_coef=clip_coefficient(rule, jnp.sqrt(global_norm_sq(grads, 1.0))))
     params, opt_state = apply_updates(rule, state.params, grads, state.opt_state, sc)

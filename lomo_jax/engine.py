@@ -53,6 +53,7 @@ from lomo_jax.optim import (
     map_rule,
 )
 from lomo_jax.parameters import step_weights
+from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout
 
@@ -230,7 +231,7 @@ def _fused_backward(
 
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():
-        new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc)
+        new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc, k)
     # The layers wait for the head's update, or its gradient (as big as the vocabulary table)
     # would be kept alive through the whole reverse scan.
     dh_L = _depends_on(dh_L, [new_params[k] for k in g_head])
@@ -242,7 +243,7 @@ def _fused_backward(
         def update_step(acc, p, g):
             p_stacks, s_stacks = acc
             s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
-            p, s = map_rule(rule, p, g, s, sc)
+            p, s = map_rule(rule, p, g, s, sc, "layers", i)
             p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k]) for k in p}}
             # The rule's state reads feed the weight update: state writes after weight writes.
             s = _depends_on(s, [p_stacks[k][i] for k in p])
@@ -268,7 +269,7 @@ def _fused_backward(
     )
     new_params["layers"], new_state["layers"] = unflatten_dict(p_stacks), unflatten_dict(s_stacks)
     new_params["embed"], new_state["embed"] = map_rule(
-        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc
+        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc, "embed"
     )
     return new_params, new_state
 
@@ -288,10 +289,13 @@ def fused_step(
     batch: Batch,
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
+    rounding: str = "stochastic",
+    seed: int = 0,
 ):
     """One fused training step -> (new state, metrics). Jit it with the state donated.
 
-    With a `layout` the state is sharded across its mesh (see lomo_jax.sharding)."""
+    With a `layout` the state is sharded across its mesh (see lomo_jax.sharding). 16-bit weights
+    are rounded stochastically from (seed, step) or to `nearest` (lomo_jax.rounding)."""
     params = state.params
     positions, mask = batch_inputs(batch, cfg.sliding_window)
 
@@ -310,6 +314,7 @@ def fused_step(
         t=state.step + 1,
         clip_coef=jnp.float32(1.0),
         loss_scale=state.scale.scale,
+        key=step_key(rounding, seed, state.step),
     )
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
     finite = jnp.bool_(True)
@@ -343,7 +348,18 @@ def make_fused_step(
     schedule: Schedule,
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
+    rounding: str = "stochastic",
+    seed: int = 0,
 ):
     """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
-    step = functools.partial(fused_step, cfg, rule, schedule, loss_scale=loss_scale, layout=layout)
+    step = functools.partial(
+        fused_step,
+        cfg,
+        rule,
+        schedule,
+        loss_scale=loss_scale,
+        layout=layout,
+        rounding=rounding,
+        seed=seed,
+    )
     return jit(step, devices=layout and layout.mesh.devices.flat, donate_argnums=0)

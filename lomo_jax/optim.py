@@ -6,12 +6,14 @@ fused engine apply it inside the reverse layer scan; `apply_updates` drives the 
 whole gradient tree, so plain `jax.grad` code can use them too. Decoder weights are stacked
 [L, ...]: the engine hands the rules one layer's slice, and `apply_updates` vmaps over the layer
 axis, so each layer keeps its own AdaLomo factors either way. Math is float32; the result is cast
-back to the parameter's dtype (no master copy, as in the paper).
+back to the parameter's dtype (no master copy, as in the paper): to nearest, as the paper does, or
+stochastically when the step has a rounding key (`lomo_jax.rounding`; 16-bit weights only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 
 from lomo_jax import blocks
 from lomo_jax.parameters import BY_NAME, leaf_name
+from lomo_jax.rounding import round_to, tensor_key
 
 State = Any
 
@@ -30,6 +33,7 @@ class StepScalars(NamedTuple):
     t: jax.Array  # AdaLomo's step counter, 1 on the first step
     clip_coef: jax.Array  # min(1, max_norm / (norm + 1e-6)); 1 without norm clipping
     loss_scale: jax.Array  # gradients arrive multiplied by this (1 unless float16)
+    key: jax.Array | None = None  # rounding.step_key: round stochastically; None: to nearest
 
 
 class UpdateRule(Protocol):
@@ -43,8 +47,11 @@ class UpdateRule(Protocol):
         ...
 
     def update(
-        self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars
-    ) -> tuple[jax.Array, State]: ...
+        self, p: jax.Array, g: jax.Array, s: State, sc: StepScalars, key: jax.Array | None = None
+    ) -> tuple[jax.Array, State]:
+        """-> (p updated, in p's dtype, stochastically rounded with `key`, this tensor's key;
+        to nearest without; new state)."""
+        ...
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -73,12 +80,12 @@ class Lomo:
     def state_axes(self, axes):
         return {}
 
-    def update(self, p, g, s, sc):
+    def update(self, p, g, s, sc, key=None):
         g = prepare_grad(g, sc, self.clip_grad_value)
         w = p.astype(jnp.float32)
         if self.weight_decay:
             w = w * (1.0 - sc.lr * self.weight_decay)
-        return (w - sc.lr * g).astype(p.dtype), s
+        return round_to(w - sc.lr * g, p.dtype, key), s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,17 +114,15 @@ class AdaLomo:
             return {"row": axes[:-1], "col": axes[:-2] + axes[-1:]}
         return {"v": axes}
 
-    def update(self, p, g, s, sc):
-        if p.ndim > 2:  # a stack of matrices: each keeps its own factors, RMS and step size
-            return jax.vmap(lambda p_, g_, s_: self.update(p_, g_, s_, sc))(p, g, s)
+    def update(self, p, g, s, sc, key=None):
         beta = 1.0 - jnp.power(sc.t.astype(jnp.float32), self.decay_rate)
         if p.ndim == 2:
-            return self._update_matrix(p, g, s, sc, beta)
+            return self._update_matrix(p, g, s, sc, beta, key)
         g = prepare_grad(g, sc, self.clip_grad_value)
         v = beta * s["v"] + (1.0 - beta) * (g * g + self.eps1)
         u = jax.lax.rsqrt(v) * g
         w = self._step(p, u, _rms(u), _rms(p.astype(jnp.float32)), sc.lr)
-        return w.astype(p.dtype), {"v": v}
+        return round_to(w, p.dtype, key), {"v": v}
 
     def _step(self, p, u, rms_u, rms_w, lr):
         """The elementwise end of the update, float32: clipped u, scaled by the weight's RMS."""
@@ -128,7 +133,7 @@ class AdaLomo:
             w = w * (1.0 - alpha * self.weight_decay)
         return w - alpha * u
 
-    def _update_matrix(self, p, g, s, sc, beta):
+    def _update_matrix(self, p, g, s, sc, beta, key):
         """The factored update of an [m, n] matrix, over blocks of its columns: the row and
         column means of g^2 and the weight's RMS, then the update's RMS, then the new weights,
         each pass reading one block at a time.
@@ -136,7 +141,8 @@ class AdaLomo:
         The four reductions feed the elementwise step, and XLA:CPU materializes every full-size
         float32 intermediate that feeds more than one of them (the LLaMA-7B head: 2 x 500 MB
         beside a 250 MB bfloat16 gradient); over blocks each is one block. Columns, because the
-        sharding rules split a matrix along its first axis."""
+        sharding rules split a matrix along its first axis. A block's rounding bits are those of
+        its place in the whole matrix, so the blocking never changes the result."""
         m, n = p.shape
         nb, bn = blocks.even_blocks(n, blocks.BLOCK_BYTES // (4 * m))
 
@@ -173,19 +179,30 @@ class AdaLomo:
 
         def write(w, j):  # in place: a block reads only columns no block has written yet
             old = cols(w, j)
-            new = self._step(old, u(j), rms_u, rms_w, sc.lr).astype(p.dtype)
+            new = self._step(old, u(j), rms_u, rms_w, sc.lr)
+            new = round_to(new, p.dtype, key, (0, blocks.start(j, bn, n)), (m, n))
             return blocks.put(w, jnp.where(blocks.own(j, bn, n), new, old), j, 1), None
 
         w, _ = jax.lax.scan(write, p, jnp.arange(nb))
         return w, {"row": row, "col": col}
 
 
-def _per_tensor(f, tree, *rest):
-    """`f(leaf, *rest's nodes)` for each leaf of `tree`, vmapped over the layer axis where
-    parameters.TABLE says the leaf is stacked per layer; `rest` have `tree` as a prefix."""
+def _key(sc: StepScalars, name: str, layer: jax.Array | None) -> jax.Array | None:
+    """The rounding key of tensor `name` (of layer `layer` if stacked) in this step."""
+    return None if sc.key is None else tensor_key(sc.key, name, layer)
 
-    def one(path, *xs):
-        return (jax.vmap(f) if BY_NAME[leaf_name(path)].per_layer else f)(*xs)
+
+def _per_tensor(f, tree, *rest):
+    """`f(name, layer, leaf, *rest's nodes)` for each leaf of `tree`, vmapped over the layer
+    axis (`layer` the index) where parameters.TABLE says the leaf is stacked per layer, else
+    with layer None; `rest` have `tree` as a prefix."""
+
+    def one(path, x, *ns):
+        name = leaf_name(path)
+        if BY_NAME[name].per_layer:
+            per_layer = jax.vmap(functools.partial(f, name))
+            return per_layer(jnp.arange(x.shape[0], dtype=jnp.int32), x, *ns)
+        return f(name, None, x, *ns)
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     nodes = [treedef.flatten_up_to(r) for r in rest]
@@ -194,22 +211,40 @@ def _per_tensor(f, tree, *rest):
 
 def init_state(rule: UpdateRule, params: dict) -> dict:
     """Optimizer state mirroring `params`; stacked layer weights get per-layer state."""
-    treedef, states = _per_tensor(rule.init, params)
+    treedef, states = _per_tensor(lambda name, layer, p: rule.init(p), params)
     return treedef.unflatten(states)
 
 
-def map_rule(rule: UpdateRule, params, grads, state, sc: StepScalars):
-    """Applies `rule` leaf by leaf; `state` has `params` as a prefix (a state node per param)."""
-    leaves, treedef = jax.tree.flatten(params)
+def map_rule(
+    rule: UpdateRule,
+    params,
+    grads,
+    state,
+    sc: StepScalars,
+    name: str,
+    layer: jax.Array | None = None,
+):
+    """Applies `rule` leaf by leaf; `state` has `params` as a prefix (a state node per param).
+    `params` is the subtree called `name` (of layer `layer` for slices of stacked weights): each
+    leaf's rounding key folds in its full name and the layer, wherever the update happens."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     g_leaves = treedef.flatten_up_to(grads)
     s_nodes = treedef.flatten_up_to(state)
-    out = [rule.update(p, g, s, sc) for p, g, s in zip(leaves, g_leaves, s_nodes)]
+    out = [
+        rule.update(p, g, s, sc, _key(sc, f"{name}.{leaf_name(path)}", layer))
+        for (path, p), g, s in zip(leaves, g_leaves, s_nodes)
+    ]
     return treedef.unflatten([o[0] for o in out]), treedef.unflatten([o[1] for o in out])
 
 
 def apply_updates(rule: UpdateRule, params: dict, grads: dict, state: dict, sc: StepScalars):
-    """The unfused path: one update of a whole tree from a full gradient tree (from `jax.grad`)."""
-    treedef, out = _per_tensor(lambda p, g, s: rule.update(p, g, s, sc), params, grads, state)
+    """The unfused path: one update of a whole tree from a full gradient tree (from `jax.grad`),
+    with the same rounding keys as the fused engine's."""
+
+    def update(name, layer, p, g, s):
+        return rule.update(p, g, s, sc, _key(sc, name, layer))
+
+    treedef, out = _per_tensor(update, params, grads, state)
     return treedef.unflatten([o[0] for o in out]), treedef.unflatten([o[1] for o in out])
 
 

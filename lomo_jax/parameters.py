@@ -118,6 +118,10 @@ def step_weights(step: str) -> tuple[tuple[str, ...], ...]:
 
 def leaf_name(path) -> str:
     """The dotted name of a pytree leaf from its key path (e.g. layers.mlp.up_proj.kernel): the
-    names the table, checkpoints and sharding rules index by."""
-    parts = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    names the table, checkpoints and sharding rules index by. A key that is itself a path (of a
+    `flatten_dict` tree) gives its parts."""
+    parts = []
+    for k in path:
+        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        parts.extend(k if isinstance(k, tuple) else (k,))
     return ".".join(str(p) for p in parts)
