@@ -138,6 +138,7 @@ def _checked(kind: type, ok, requirement: str):
 
 def _parser() -> argparse.ArgumentParser:
     from lomo_jax.data import FORMATS
+    from lomo_jax.rounding import ROUNDINGS
     from lomo_jax.schedule import SCHEDULES
     from lomo_jax.train import DTYPES, OPTIMIZERS
 
@@ -215,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shuffle", action="store_true", help="step k uses rows k*B..k*B+B-1")
     s.add_argument("--seed", type=int)
     s.add_argument("--dtype", choices=list(DTYPES))
+    s.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        help="16-bit weights after a fused update: stochastic (default; unbiased, seeded by "
+        "--seed) or nearest (the paper's; drops changes below half an ulp)",
+    )
     s.add_argument(
         "--gradient-accumulation-steps",
         type=int,

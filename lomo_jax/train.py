@@ -30,6 +30,7 @@ from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
+from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
 from lomo_jax.schedule import SCHEDULES, Schedule
 from lomo_jax.sharding import Layout, MeshError, make_mesh
@@ -61,6 +62,7 @@ _CHOICES = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "dtype": tuple(DTYPES),
+    "rounding": ROUNDINGS,
 }
 _AT_LEAST = {
     "lr": 0,
@@ -122,6 +124,7 @@ class TrainConfig:
     shuffle: bool = True
     seed: int = 0
     dtype: str = "float32"
+    rounding: str = "stochastic"  # of 16-bit weights after a fused update; "nearest" = the paper
     gradient_accumulation_steps: int = 1
     eval_data: str | None = None
     eval_fraction: float = 0.0
@@ -218,7 +221,7 @@ def _make_step(c: TrainConfig, cfg, params, layout: Layout):
         scaler = DynamicLossScale() if c.dtype == "float16" else None
         return (
             init_train_state(rule, params, scaler is not None, scaler, layout),
-            make_fused_step(cfg, rule, schedule, scaler, layout),
+            make_fused_step(cfg, rule, schedule, scaler, layout, c.rounding, c.seed),
         )
     tx = optax_transform(c.optimizer, schedule, c.weight_decay, c.clip_grad_norm, c.clip_grad_value)
     state = TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())

@@ -227,3 +227,46 @@ def _no_stack_copies_on_mesh() -> None:
 def test_sharded_step_copies_no_stack():
     code = "from tests.test_scale_out import _no_stack_copies_on_mesh; _no_stack_copies_on_mesh()"
     subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)
+
+
+def _rounding_on_meshes() -> None:
+    """(Runs on 8 devices.) Stochastic rounding draws the same bits however the weights are
+    split: fused bfloat16 LOMO steps on fsdp=8 give the weights of one device bit for bit.
+    Every label is masked, so the gradients are exactly zero and the update is weight decay
+    alone, the same float32 values on every mesh (a real loss is summed in another order on
+    each mesh, so no run with one is bit-identical across meshes, float32 included); what is
+    left to differ is the rounding."""
+    import jax.numpy as jnp
+
+    from lomo_jax.engine import init_train_state, make_fused_step
+    from lomo_jax.loss import IGNORE, Batch
+    from lomo_jax.optim import Lomo
+    from lomo_jax.schedule import Schedule
+    from lomo_jax.sharding import make_mesh, put
+
+    rule = Lomo(weight_decay=0.1)
+    start = jax.tree.map(
+        lambda x: np.asarray(x.astype(jnp.bfloat16)), lomo_jax.init_params(CFG, jax.random.key(2))
+    )
+    ids = random_ids(CFG, 8, 16, seed=4)
+    batch = Batch(ids, np.full_like(ids, IGNORE))
+
+    def train(mesh: str) -> list[np.ndarray]:
+        layout = Layout(make_mesh(mesh))
+        step = make_fused_step(CFG, rule, Schedule(0.05), layout=layout, seed=3)
+        state = init_train_state(rule, put(start, layout.params(start)), layout=layout)
+        for _ in range(2):
+            state, _ = step(state, layout.put_batch(batch))
+        return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+    one = train("fsdp=1")
+    # The decay (0.5% a step) is below half an ulp: rounded to nearest nothing would move.
+    moved = np.mean(np.concatenate([(a != b).ravel() for a, b in zip(one, jax.tree.leaves(start))]))
+    assert moved > 0.3, moved
+    for a, b in zip(one, train("fsdp=8"), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_stochastic_rounding_is_the_same_on_every_mesh():
+    code = "from tests.test_scale_out import _rounding_on_meshes; _rounding_on_meshes()"
+    subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)
