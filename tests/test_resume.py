@@ -1,6 +1,8 @@
 """A run killed with SIGKILL in the middle of a checkpoint and resumed equals a run never
-interrupted, bit for bit: same loss curve, same weights, with shuffling on and AdaLomo state.
-SIGTERM and Ctrl-C save a checkpoint that resumes; a non-finite run never saves its weights."""
+interrupted, bit for bit: same loss curve, same weights, with shuffling on, AdaLomo state and
+bfloat16 weights rounded stochastically (the bits are a function of seed and step: nothing more
+is saved). SIGTERM and Ctrl-C save a checkpoint that resumes; a non-finite run never saves its
+weights."""
 
 import json
 import os
@@ -54,6 +56,8 @@ def args(src, data, out):
         "0.2",
         "--eval-every",
         "10",
+        "--dtype",
+        "bfloat16",
     )
 
 
