@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --model llama-7b --batch-size 8 --seq-len 512 --dtype float32 --json
     python benchmarks/memory.py --model llama-65b --devices 8 --batch-size 1 --seq-len 1024 --json
+    python benchmarks/memory.py --dtype bfloat16 --methods fused-adalomo --rounding nearest
 
 prints a JSON list of rows {method, param_bytes, peak_bytes, peak_over_params, ...} for
 inference (forward + loss), fused-lomo, fused-adalomo, sgd and adamw (jax.grad + optax with the
@@ -23,6 +24,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--rounding",
+        default="stochastic",
+        choices=["stochastic", "nearest"],
+        help="of 16-bit weights in the fused steps",
+    )
     p.add_argument("--devices", type=int, default=1, help="plan the step sharded over N devices")
     p.add_argument("--mesh", help="with --devices: e.g. data=2,fsdp=4 (default fsdp=N)")
     p.add_argument("--methods", help="comma-separated (default: every method that applies)")
@@ -43,12 +50,16 @@ def main() -> None:
     cfg = preset(a.model)
     layout = Layout(make_mesh(a.mesh)) if a.devices > 1 else None
     methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if layout else METHODS)
-    rows = [analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout) for m in methods]
+    rows = [
+        analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout, a.rounding)
+        for m in methods
+    ]
     if a.json:
         print(json.dumps(rows))
         return
     where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if layout else ""
-    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{where}")
+    rounded = f" ({a.rounding} rounding)" if a.dtype != "float32" else ""
+    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{rounded}{where}")
     print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s}")
     for r in rows:
         print(

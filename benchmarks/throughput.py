@@ -1,12 +1,15 @@
 """Tokens/s of one training step per method, in one run, same threads, same model.
 
     python benchmarks/throughput.py [--steps 3] [--batch-size 4] [--seq-len 512] [--json]
+    python benchmarks/throughput.py --dtype bfloat16 --methods fused-adalomo,fused-adalomo-nearest \
+        --in-turns
 
 Methods: fused-lomo, fused-adalomo (this library), sgd, adamw (jax.grad + optax with the same
 layer-boundary checkpointing), torch-lomo, torch-adalomo (the paper authors' lomo-optim on
-transformers' LlamaForCausalLM with gradient checkpointing). Default model: a ~130M-parameter
-LLaMA (hidden 768, 12 layers, vocab 32000). The first step of each method (compilation) is not
-timed.
+transformers' LlamaForCausalLM with gradient checkpointing); fused-lomo-nearest and
+fused-adalomo-nearest round 16-bit weights to nearest instead of stochastically (the same in
+float32). Default model: a ~130M-parameter LLaMA (hidden 768, 12 layers, vocab 32000), in
+--dtype. The first step of each method (compilation) is not timed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from lomo_jax.config import LlamaConfig
 
 METHODS = ("fused-lomo", "fused-adalomo", "sgd", "adamw", "torch-lomo", "torch-adalomo")
+EXTRA_METHODS = ("fused-lomo-nearest", "fused-adalomo-nearest")
 CONFIG = LlamaConfig(
     vocab_size=32000,
     hidden_size=768,
@@ -31,15 +35,21 @@ CONFIG = LlamaConfig(
 )
 
 
-def time_steps(step, n: int) -> float:
-    step()  # compile / warm up
-    t0 = time.perf_counter()
+def time_in_turns(steps: dict, n: int) -> dict[str, float]:
+    """Mean seconds per step of each method, timed in turns (A, B, A, B, ...) so that load
+    changes on a shared machine hit every method alike."""
+    for step in steps.values():
+        step()  # compile / warm up
+    times = {m: 0.0 for m in steps}
     for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
+        for m, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[m] += time.perf_counter() - t0
+    return {m: t / n for m, t in times.items()}
 
 
-def jax_step(method: str, ids: np.ndarray):
+def jax_step(method: str, ids: np.ndarray, dtype: str):
     import jax
     import jax.numpy as jnp
     import optax
@@ -51,12 +61,13 @@ def jax_step(method: str, ids: np.ndarray):
     from lomo_jax.optim import AdaLomo, Lomo
     from lomo_jax.schedule import Schedule
 
-    params = init_params(CONFIG, jax.random.key(0))
+    params = init_params(CONFIG, jax.random.key(0), jnp.dtype(dtype))
     batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
     box = {}
     if method.startswith("fused-"):
-        rule = Lomo() if method == "fused-lomo" else AdaLomo()
-        fn = make_fused_step(CONFIG, rule, Schedule(1e-3))
+        rule = Lomo() if method.startswith("fused-lomo") else AdaLomo()
+        rounding = "nearest" if method.endswith("-nearest") else "stochastic"
+        fn = make_fused_step(CONFIG, rule, Schedule(1e-3), rounding=rounding)
         box["s"] = init_train_state(rule, params)
 
         def step():
@@ -74,7 +85,7 @@ def jax_step(method: str, ids: np.ndarray):
     return step
 
 
-def torch_step(method: str, ids: np.ndarray):
+def torch_step(method: str, ids: np.ndarray, dtype: str):
     import lomo_optim
     import torch
     import transformers
@@ -83,7 +94,7 @@ def torch_step(method: str, ids: np.ndarray):
     hf_cfg = transformers.LlamaConfig(
         **{k: v for k, v in CONFIG.to_hf_dict().items() if k not in ("architectures", "model_type")}
     )
-    model = transformers.LlamaForCausalLM(hf_cfg)
+    model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype))
     model.gradient_checkpointing_enable()
     model.train()
     original = torch.Tensor.cuda
@@ -110,7 +121,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"also {', '.join(EXTRA_METHODS)}")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--in-turns",
+        action="store_true",
+        help="hold every method at once and time their steps in turns (an A/B on a busy machine)",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     import torch
@@ -120,10 +137,17 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(
         0, CONFIG.vocab_size, (a.batch_size, a.seq_len), dtype=np.int32
     )
+    methods = a.methods.split(",")
+
+    def make(method: str):
+        return (torch_step if method.startswith("torch") else jax_step)(method, ids, a.dtype)
+
+    if a.in_turns:
+        seconds_by = time_in_turns({m: make(m) for m in methods}, a.steps)
+    else:
+        seconds_by = {m: time_in_turns({m: make(m)}, a.steps)[m] for m in methods}
     rows = []
-    for method in a.methods.split(","):
-        make = torch_step if method.startswith("torch") else jax_step
-        seconds = time_steps(make(method, ids), a.steps)
+    for method, seconds in seconds_by.items():
         rows.append(
             {
                 "method": method,
@@ -133,6 +157,7 @@ def main() -> None:
                 "params": CONFIG.num_params,
                 "batch_size": a.batch_size,
                 "seq_len": a.seq_len,
+                "dtype": a.dtype,
             }
         )
     by = {r["method"]: r["tokens_per_s"] for r in rows}
@@ -145,7 +170,7 @@ def main() -> None:
         print(json.dumps(rows))
         return
     print(
-        f"{CONFIG.num_params / 1e6:.0f}M params, batch {a.batch_size} x {a.seq_len}, "
+        f"{CONFIG.num_params / 1e6:.0f}M params, {a.dtype}, batch {a.batch_size} x {a.seq_len}, "
         f"{threads} threads"
     )
     for r in rows:

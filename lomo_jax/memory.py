@@ -52,9 +52,11 @@ def lower(
     seq_len: int,
     dtype=jnp.float32,
     layout: Layout | None = None,
+    rounding: str = "stochastic",
 ):
     """The jitted step for `method`, lowered on abstract inputs (nothing is allocated); with a
-    `layout`, sharded over its mesh (SHARDED_METHODS only)."""
+    `layout`, sharded over its mesh (SHARDED_METHODS only); fused steps round 16-bit weights
+    as `rounding` says."""
     params = param_shapes(cfg, dtype)
     ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     if layout is not None:
@@ -75,7 +77,7 @@ def lower(
                 opt_state=_abstract(state.opt_state, layout.opt_state(rule, params))
             )
         scaler = DynamicLossScale() if float16 else None
-        step = make_fused_step(cfg, rule, Schedule(1e-3), scaler, layout)
+        step = make_fused_step(cfg, rule, Schedule(1e-3), scaler, layout, rounding)
         return step.lower(state, batch), params
     tx = {"sgd": optax.sgd(1e-3), "adamw": optax.adamw(1e-3)}[method]
     opt_state = jax.eval_shape(tx.init, params)
@@ -89,9 +91,10 @@ def analyze(
     seq_len: int,
     dtype=jnp.float32,
     layout: Layout | None = None,
+    rounding: str = "stochastic",
 ) -> dict:
     """Per-device figures: with a layout, param_bytes is one device's share."""
-    lowered, params = lower(cfg, method, batch_size, seq_len, dtype, layout)
+    lowered, params = lower(cfg, method, batch_size, seq_len, dtype, layout, rounding)
     m = lowered.compile().memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -112,5 +115,6 @@ def analyze(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": jnp.dtype(dtype).name,
+        "rounding": rounding,
         "devices": layout.mesh.size if layout else 1,
     }

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from lomo_jax.optim import AdaLomo, Lomo, StepScalars
 from lomo_jax.rounding import random_bits, round_to, step_key, stochastic_round, tensor_key
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -150,3 +151,22 @@ def test_float32_and_nearest_are_plain_casts():
     assert np.asarray(round_to(x, jnp.float32, key)).tobytes() == np.asarray(x).tobytes()
     nearest = np.asarray(round_to(x, jnp.bfloat16, None))
     assert np.all(same(nearest, np.asarray(x).astype(ml_dtypes.bfloat16)))
+
+
+@pytest.mark.parametrize("rule", [Lomo(), AdaLomo()], ids=["lomo", "adalomo"])
+def test_the_bits_are_made_inside_the_update(rule):
+    """No buffer of random bits: a stochastically rounded update of a bfloat16 matrix needs no
+    more memory than one rounded to nearest (jax.random.bits would hold five uint32 buffers of
+    the matrix's size on XLA:CPU: 10 MB here)."""
+    shape = (512, 1024)
+    p = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    g = jax.ShapeDtypeStruct(shape, jnp.float32)
+    s = jax.eval_shape(rule.init, p)
+    sc = StepScalars(jnp.float32(1e-3), jnp.int32(1), jnp.float32(1.0), jnp.float32(1.0))
+
+    def temp(key) -> int:
+        update = jax.jit(lambda p, g, s: rule.update(p, g, s, sc, key), donate_argnums=0)
+        return update.lower(p, g, s).compile().memory_analysis().temp_size_in_bytes
+
+    grown = temp(jax.random.key(0)) - temp(None)
+    assert grown < 512 * 1024 // 4, grown  # far below one float32 matrix (2 MB)

@@ -152,7 +152,7 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=3))
     (tmp_path / "run.yaml").write_text(
         f"model: {src}\ndata: {data}\nseq_len: 16\nbatch_size: 2\nsteps: 2\n"
-        "optimizer: lomo\nlr: 0.5\nschedule: cosine\n"
+        "optimizer: lomo\nlr: 0.5\nschedule: cosine\nrounding: nearest\n"
     )
     assert (
         main(
@@ -171,9 +171,17 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
     assert resolved["lr"] == 0.01 and resolved["optimizer"] == "lomo"
     assert resolved["schedule"] == "cosine" and resolved["steps"] == 2
+    assert resolved["rounding"] == "nearest"
 
 
-def test_yaml_config_rejects_unknown_options(tmp_path, capsys):
-    (tmp_path / "run.yaml").write_text("learning_rate: 0.1\n")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate: 0.1\n", "unknown option 'learning_rate'"),
+        ("model: m\ndata: d\nout: o\nrounding: up\n", "unknown rounding 'up'"),
+    ],
+)
+def test_yaml_config_rejects_unknown_options(tmp_path, capsys, text, message):
+    (tmp_path / "run.yaml").write_text(text)
     assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 1
-    assert "unknown option 'learning_rate'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
