@@ -144,11 +144,14 @@ def head_loss_and_grads(
         onehot_BTV = cols_V == targets_BT[..., None]
         # Cast as the matmul's backward sees it in a 16-bit model (a no-op in float32).
         dlogits_BTV = ((probs_BTV - onehot_BTV) * scale_BT[..., None]).astype(x_BTD.dtype)
-        g_DV = jnp.einsum("btd,btv->dv", x_BTD, dlogits_BTV, preferred_element_type=jnp.float32)
+        # In the weight's dtype: the matmul accumulates in float32 either way, and XLA:CPU has no
+        # 16-bit matmul with a float32 result in every layout (the tied one's).
         if tied:
-            g_w = blocks.put(g_w, g_DV.T.astype(w.dtype), j, 0)
+            g_VD = jnp.einsum("btd,btv->vd", x_BTD, dlogits_BTV, preferred_element_type=w.dtype)
+            g_w = blocks.put(g_w, g_VD, j, 0)
         else:
-            g_w = blocks.put(g_w, g_DV.astype(w.dtype), j, 1)
+            g_DV = jnp.einsum("btd,btv->dv", x_BTD, dlogits_BTV, preferred_element_type=w.dtype)
+            g_w = blocks.put(g_w, g_DV, j, 1)
         own_dlogits_BTV = jnp.where(own_V, dlogits_BTV, jnp.zeros((), dlogits_BTV.dtype))
         dx_BTD = dx_BTD + jnp.einsum(
             "btv,dv->btd", own_dlogits_BTV, w_DV, preferred_element_type=jnp.float32
