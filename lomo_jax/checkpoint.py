@@ -71,7 +71,8 @@ def write_params(path: Path, params: Any) -> None:
             name = leaf_name(leaf_path)
             nbytes = leaf.size * leaf.dtype.itemsize
             pieces = leaf.shape[0] if leaf.ndim > 1 and nbytes > PIECE_BYTES else 0
-            for i, piece in enumerate([leaf[i] for i in range(pieces)] if pieces else [leaf]):
+            # One slice at a time: a list of them would be a second copy of the stack.
+            for i, piece in enumerate((leaf[i] for i in range(pieces)) if pieces else [leaf]):
                 dest = path / (f"{name}@{i}" if pieces else name)
                 ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
             index.append({"name": name, "pieces": pieces})

@@ -120,8 +120,11 @@ def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_he
 
 
 def all_finite(tree) -> jax.Array:
-    """Whether every element of every leaf is finite (one scalar)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every element of every leaf is finite (one scalar). The largest magnitude is
+    finite exactly when every element is (the max propagates NaN), and a reduction of `abs` fuses
+    on XLA:CPU where `all(isfinite(x))` materializes a bool array as large as the leaf (1.4 GB
+    for a LLaMA-7B MLP stack at every checkpoint)."""
+    return jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree)]))
 
 
 def _first(x: jax.Array) -> jax.Array:
