@@ -6,12 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo lint
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The local CPU build of torch first: any other torch spec pulls gigabytes of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# JAX's CUDA plugin for the installed jax and the CUDA compiler (about 1.2 GB, no GPU
+	# needed): XLA compiles GPU memory plans here (lomo-jax plan --target h100, the tests).
+	$(PY) -m pip install -q -e '.[gpu-plans]' \
+		"jax==$$($(PY) -c 'import importlib.metadata as m; print(m.version("jax"))')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,13 +2,17 @@
 
     python benchmarks/memory.py --model llama-7b --batch-size 8 --seq-len 512 --dtype float32 --json
     python benchmarks/memory.py --model llama-65b --devices 8 --batch-size 1 --seq-len 1024 --json
+    python benchmarks/memory.py --target h100 --model llama-7b --batch-size 1 --seq-len 8192 \
+        --dtype bfloat16 --methods fused-adalomo,fused-lomo
     python benchmarks/memory.py --dtype bfloat16 --methods fused-adalomo --rounding nearest
 
 prints a JSON list of rows {method, param_bytes, peak_bytes, peak_over_params, ...} for
 inference (forward + loss), fused-lomo, fused-adalomo, sgd and adamw (jax.grad + optax with the
 same layer-boundary checkpointing). peak = arguments + outputs + temporaries - aliased.
-With --devices N the step is sharded over N host-platform CPU devices (mesh fsdp=N unless
---mesh says otherwise) and every figure is per device: param_bytes is one device's share.
+With --devices N the step is sharded over N devices (mesh fsdp=N unless --mesh says otherwise)
+and every figure is per device: param_bytes is one device's share. --target h100 / rtx4090
+compiles for that GPU without one (lomo_jax.memory: needs JAX's CUDA plugin); the default is
+this machine's CPU (several devices: host-platform CPU devices).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+from lomo_jax import cuda_plugin
 
 
 def main() -> None:
@@ -30,26 +36,31 @@ def main() -> None:
         choices=["stochastic", "nearest"],
         help="of 16-bit weights in the fused steps",
     )
+    p.add_argument("--target", default="cpu", help="cpu, h100 or rtx4090")
     p.add_argument("--devices", type=int, default=1, help="plan the step sharded over N devices")
     p.add_argument("--mesh", help="with --devices: e.g. data=2,fsdp=4 (default fsdp=N)")
+    p.add_argument("--attention", default="auto", help="auto, dense, blockwise or cudnn")
     p.add_argument("--methods", help="comma-separated (default: every method that applies)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
-    if a.devices > 1:  # JAX reads the device count once, when it starts
+    if a.target == "cpu" and a.devices > 1:  # JAX reads the device count once, when it starts
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
 
+    cuda_plugin.import_jax()  # a CUDA plugin without a GPU: registered for compiling, quietly
     import jax.numpy as jnp
 
     from lomo_jax.config import PRESETS, preset
-    from lomo_jax.memory import METHODS, SHARDED_METHODS, analyze
-    from lomo_jax.sharding import Layout, make_mesh
+    from lomo_jax.memory import METHODS, SHARDED_METHODS, TARGETS, analyze, target_layout
 
     if a.model not in PRESETS:
         p.error(f"--model: choose from {sorted(PRESETS)}")
-    cfg = preset(a.model)
-    layout = Layout(make_mesh(a.mesh)) if a.devices > 1 else None
-    methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if layout else METHODS)
+    if a.target not in TARGETS:
+        p.error(f"--target: choose from {TARGETS}")
+    cfg = preset(a.model).replace(attention=a.attention)
+    layout = target_layout(a.target, a.devices, a.mesh)
+    sharded = a.devices > 1
+    methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if sharded else METHODS)
     rows = [
         analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout, a.rounding)
         for m in methods
@@ -57,9 +68,9 @@ def main() -> None:
     if a.json:
         print(json.dumps(rows))
         return
-    where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if layout else ""
+    where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if sharded else ""
     rounded = f" ({a.rounding} rounding)" if a.dtype != "float32" else ""
-    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{rounded}{where}")
+    print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{rounded}, {a.target}{where}")
     print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s}")
     for r in rows:
         print(

@@ -3,18 +3,22 @@
     python benchmarks/throughput.py [--steps 3] [--batch-size 4] [--seq-len 512] [--json]
     python benchmarks/throughput.py --dtype bfloat16 --methods fused-adalomo,fused-adalomo-nearest \
         --in-turns
+    python benchmarks/throughput.py --methods fused-adalomo --attention dense,blockwise \
+        --batch-size 1 --seq-len 4096
 
 Methods: fused-lomo, fused-adalomo (this library), sgd, adamw (jax.grad + optax with the same
 layer-boundary checkpointing), torch-lomo, torch-adalomo (the paper authors' lomo-optim on
 transformers' LlamaForCausalLM with gradient checkpointing); fused-lomo-nearest and
 fused-adalomo-nearest round 16-bit weights to nearest instead of stochastically (the same in
 float32). Default model: a ~130M-parameter LLaMA (hidden 768, 12 layers, vocab 32000), in
---dtype. The first step of each method (compilation) is not timed.
+--dtype. The first step of each method (compilation) is not timed. --attention runs each JAX
+method once per attention implementation (lomo_jax.attention; default auto), named method/impl.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -49,7 +53,7 @@ def time_in_turns(steps: dict, n: int) -> dict[str, float]:
     return {m: t / n for m, t in times.items()}
 
 
-def jax_step(method: str, ids: np.ndarray, dtype: str):
+def jax_step(method: str, ids: np.ndarray, dtype: str, attention: str = "auto"):
     import jax
     import jax.numpy as jnp
     import optax
@@ -61,13 +65,14 @@ def jax_step(method: str, ids: np.ndarray, dtype: str):
     from lomo_jax.optim import AdaLomo, Lomo
     from lomo_jax.schedule import Schedule
 
-    params = init_params(CONFIG, jax.random.key(0), jnp.dtype(dtype))
+    cfg = CONFIG.replace(attention=attention)
+    params = init_params(cfg, jax.random.key(0), jnp.dtype(dtype))
     batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
     box = {}
     if method.startswith("fused-"):
         rule = Lomo() if method.startswith("fused-lomo") else AdaLomo()
         rounding = "nearest" if method.endswith("-nearest") else "stochastic"
-        fn = make_fused_step(CONFIG, rule, Schedule(1e-3), rounding=rounding)
+        fn = make_fused_step(cfg, rule, Schedule(1e-3), rounding=rounding)
         box["s"] = init_train_state(rule, params)
 
         def step():
@@ -75,7 +80,7 @@ def jax_step(method: str, ids: np.ndarray, dtype: str):
             jax.block_until_ready(m["loss"])
     else:
         tx = optax.sgd(1e-3) if method == "sgd" else optax.adamw(1e-3)
-        fn = make_optax_step(CONFIG, tx)
+        fn = make_optax_step(cfg, tx)
         box["p"], box["o"] = params, tx.init(params)
 
         def step():
@@ -123,6 +128,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--methods", default=",".join(METHODS), help=f"also {', '.join(EXTRA_METHODS)}")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="auto", help="comma-separated: auto,dense,blockwise")
     p.add_argument(
         "--in-turns",
         action="store_true",
@@ -137,15 +143,22 @@ def main() -> None:
     ids = np.random.default_rng(0).integers(
         0, CONFIG.vocab_size, (a.batch_size, a.seq_len), dtype=np.int32
     )
-    methods = a.methods.split(",")
-
-    def make(method: str):
-        return (torch_step if method.startswith("torch") else jax_step)(method, ids, a.dtype)
+    attentions = a.attention.split(",")
+    runs = {}  # name -> a function making its step
+    for m in a.methods.split(","):
+        if m.startswith("torch"):
+            runs[m] = functools.partial(torch_step, m, ids, a.dtype)
+            continue
+        for att in attentions:
+            name = m if len(attentions) == 1 else f"{m}/{att}"
+            runs[name] = functools.partial(jax_step, m, ids, a.dtype, att)
 
     if a.in_turns:
-        seconds_by = time_in_turns({m: make(m) for m in methods}, a.steps)
+        seconds_by = time_in_turns({name: make() for name, make in runs.items()}, a.steps)
     else:
-        seconds_by = {m: time_in_turns({m: make(m)}, a.steps)[m] for m in methods}
+        seconds_by = {
+            name: time_in_turns({name: make()}, a.steps)[name] for name, make in runs.items()
+        }
     rows = []
     for method, seconds in seconds_by.items():
         rows.append(
@@ -175,7 +188,7 @@ def main() -> None:
     )
     for r in rows:
         print(
-            f"{r['method']:15s} {r['tokens_per_s']:10.1f} tok/s  "
+            f"{r['method']:24s} {r['tokens_per_s']:10.1f} tok/s  "
             f"x{r.get('vs_sgd', float('nan')):.2f} vs sgd  "
             f"x{r.get('vs_torch_lomo', float('nan')):.2f} vs torch-lomo"
         )

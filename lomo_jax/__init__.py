@@ -33,6 +33,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'lomo_jax' has no attribute {name!r}")
+    importlib.import_module("lomo_jax.cuda_plugin").import_jax()
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lomo_jax import interrupt
+from lomo_jax import cuda_plugin, interrupt
 
 log = logging.getLogger("lomo_jax")
 
@@ -114,6 +114,45 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     print(json.dumps(result) if a.json else text)
 
 
+def _model_config(src: str):
+    """The config of a preset, a lomo-jax checkpoint or anything `import` reads (no weights)."""
+    from lomo_jax import checkpoint
+    from lomo_jax.config import PRESETS, LlamaConfig, preset
+
+    if src in PRESETS:
+        return preset(src)
+    if checkpoint.is_checkpoint(src):
+        return LlamaConfig.from_json_file(Path(src) / checkpoint.CONFIG_FILE)
+    if not Path(src).exists():
+        raise FileNotFoundError(f"{src}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
+    from convert.sources import detect
+
+    return detect(src).config
+
+
+def _cmd_plan(a: argparse.Namespace) -> None:
+    import json
+
+    from lomo_jax.memory import GPUS, plan
+
+    cfg = _model_config(a.model).replace(attention=a.attention)
+    if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
+        os.environ["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={a.devices}"
+    method = f"fused-{a.optimizer}" if a.optimizer in ("lomo", "adalomo") else a.optimizer
+    row = plan(cfg, method, a.batch_size, a.seq_len, DTYPES[a.dtype], a.target, a.devices)
+    if a.json:
+        print(json.dumps(row))
+        return
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    device = GPUS[a.target].name if a.target in GPUS else "CPU"
+    print(
+        f"{a.model}: {method}, batch {a.batch_size} x {a.seq_len}, {a.dtype}, on "
+        f"{a.devices} x {device}, per device: parameters {gib(row['param_bytes'])}, "
+        f"peak {gib(row['peak_bytes'])} ({row['peak_over_params']:.3f} x parameters) of "
+        f"{gib(row['device_bytes'])}: " + ("fits" if row["fits"] else "does NOT fit")
+    )
+
+
 def _cmd_demo(a: argparse.Namespace) -> None:
     from lomo_jax.demo import run_demo
 
@@ -137,7 +176,9 @@ def _checked(kind: type, ok, requirement: str):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lomo_jax.attention import IMPLEMENTATIONS
     from lomo_jax.data import FORMATS
+    from lomo_jax.memory import TARGETS
     from lomo_jax.rounding import ROUNDINGS
     from lomo_jax.schedule import SCHEDULES
     from lomo_jax.train import DTYPES, OPTIMIZERS
@@ -257,6 +298,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mesh", help=MESH_HELP)
     s.set_defaults(func=_cmd_eval)
 
+    s = sub.add_parser(
+        "plan",
+        help="compile one training step for a target (no GPU needed) and say if it fits",
+        description="Per-device peak memory of one step, from XLA's compile-time analysis "
+        "(nothing is allocated); a GPU's usable memory is 95%% of what CUDA reports (set "
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: JAX takes 75%% by default).",
+    )
+    s.add_argument("--model", required=True, help="a preset (llama-7b, ...) or a checkpoint")
+    s.add_argument("--target", choices=TARGETS, default="cpu")
+    at_least_1 = _checked(int, lambda v: v >= 1, "at least 1")
+    s.add_argument("--devices", type=at_least_1, default=1, help="shard over N devices (fsdp=N)")
+    s.add_argument("--batch-size", type=at_least_1, default=1)
+    s.add_argument("--seq-len", type=at_least_1, default=1024)
+    s.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    s.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
+    s.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=_cmd_plan)
+
     s = sub.add_parser("demo", help="the main job on an embedded default model")
     s.add_argument("--out", default="demo_out", help="where the demo writes its files")
     s.set_defaults(func=_cmd_demo)
@@ -269,6 +329,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lomo_jax.checkpoint import CheckpointError
     from lomo_jax.data import DataError
     from lomo_jax.generate import GenerateError
+    from lomo_jax.memory import PlanError
     from lomo_jax.rundir import NotARunError, RunInUseError
     from lomo_jax.sharding import MeshError
     from lomo_jax.tasks import TaskError
@@ -288,6 +349,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MeshError,
         GenerateError,
         TrainingStopped,
+        PlanError,
         FloatingPointError,
     )
 
@@ -310,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with interrupt.caught():  # before the imports, which take seconds
         try:
+            cuda_plugin.import_jax()
             args = _parser().parse_args(argv)
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))

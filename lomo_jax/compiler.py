@@ -11,13 +11,35 @@ Without the pass the convert stays fused into each layer's slice. Other backends
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 
 CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+_TARGET: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "target", default=None
+)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str, devices: int = 1) -> Iterator[None]:
+    """Within: trace and compile for `devices` of `platform` ("cpu", "cuda", ...), not for this
+    process's default backend (a deviceless GPU plan traces in a CPU-only process)."""
+    token = _TARGET.set((platform, devices))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target() -> tuple[str, int]:
+    """(platform, number of devices) being compiled for."""
+    return _TARGET.get() or (jax.default_backend(), jax.device_count())
 
 
 def compiler_options(platform: str) -> dict[str, str]:
@@ -35,7 +57,7 @@ class _PlatformJit:
 
     @functools.cached_property
     def jitted(self):
-        options = compiler_options(self._platform or jax.default_backend())
+        options = compiler_options(self._platform or target()[0])
         return jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -47,6 +69,6 @@ class _PlatformJit:
 
 def jit(fun: Callable, *, devices: Any = None, **jit_kwargs) -> _PlatformJit:
     """`jax.jit(fun, **jit_kwargs)` with `compiler_options` for the platform of `devices` (a
-    mesh's devices, e.g. a deviceless GPU topology's) or else of the default backend."""
+    mesh's devices) or else of `target()` at the first call."""
     platform = None if devices is None else next(iter(devices)).platform
     return _PlatformJit(fun, platform, jit_kwargs)

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lomo_jax.attention import IMPLEMENTATIONS
 from lomo_jax.parameters import params_of
 
 
@@ -134,6 +135,9 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # How to compute attention (lomo_jax.attention): a choice of this library, not a property of
+    # the model, so it stays out of the exported config.json (transformers has its own).
+    attention: str = "auto"
 
     def __post_init__(self):
         _check_types(self)
@@ -158,6 +162,10 @@ class LlamaConfig:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; choose from {', '.join(IMPLEMENTATIONS)}"
             )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))

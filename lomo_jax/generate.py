@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head, visible
+from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
 
 
 class GenerateError(ValueError):
@@ -20,15 +21,12 @@ class GenerateError(ValueError):
 def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):
     """Runs the layers over new tokens at positions index.., reading and filling the cache."""
     B, T = ids_BT.shape
-    S = cache.k_BSHK.shape[2]
     positions_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask_TS = visible(positions_BT[0], jnp.arange(S), cfg.sliding_window)
-    mask_BTS = jnp.broadcast_to(mask_TS, (B, T, S))
 
     def step(h, layer):
         p_layer, k, v = layer
         h, new = DecoderLayer(cfg).apply(
-            {"params": p_layer}, h, positions_BT, mask_BTS, KVCache(k, v), index
+            {"params": p_layer}, h, positions_BT, Mask(offset=index), KVCache(k, v), index
         )
         return h, new
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from lomo_jax import blocks
+from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
 from lomo_jax.model import (
-    causal_mask,
     decoder_layer,
     default_positions,
     embed,
@@ -35,11 +35,10 @@ class Batch(NamedTuple):
     positions: jax.Array | None = None  # [B, T] RoPE positions (restart per document)
 
 
-def batch_inputs(batch: Batch, sliding_window: int | None = None) -> tuple[jax.Array, jax.Array]:
+def batch_inputs(batch: Batch) -> tuple[jax.Array, Mask]:
     """(RoPE positions, attention mask) of a batch."""
-    B, T = batch.input_ids.shape
     positions = default_positions(batch.input_ids) if batch.positions is None else batch.positions
-    return positions, causal_mask(batch.segment_ids, B, T, sliding_window)
+    return positions, Mask(batch.segment_ids)
 
 
 def next_token_targets(labels_BT: jax.Array) -> jax.Array:
@@ -188,7 +187,7 @@ def loss_fn(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
 def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
     """The same loss with the fused step's checkpointing policy: only layer inputs are saved
     for `jax.grad`."""
-    positions, mask = batch_inputs(batch, cfg.sliding_window)
+    positions, mask = batch_inputs(batch)
     layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
     h, _ = jax.lax.scan(
         lambda h, p: (layer(p, h), None),

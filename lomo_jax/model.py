@@ -15,6 +15,8 @@ composition. Names follow Hugging Face (`self_attn.q_proj`, `mlp.gate_proj`, ...
 tensor is a row of lomo_jax.parameters.TABLE; kernels are [in, out] (torch Linear weights
 transposed).
 
+`mask` is `attention.Mask`: segment ids and a KV-cache offset, never a [T, T] array; the
+attention itself is `lomo_jax.attention` (dense, blockwise or cuDNN, as `cfg.attention` says).
 RoPE rotates halves (the Hugging Face layout); Meta and llama2.c weights are permuted on import.
 Norms, softmax and logits are computed in float32 whatever the parameter dtype.
 """
@@ -29,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lomo_jax import attention, compiler
+from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
 
 Params = dict[str, Any]
@@ -66,28 +70,6 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
     return (x_BTHK * cos + rotated * sin).astype(x_BTHK.dtype)
 
 
-# ---- masks ----------------------------------------------------------------------------------
-def visible(q_idx: jax.Array, k_idx: jax.Array, sliding_window: int | None = None) -> jax.Array:
-    """[T, S] bool: query at index q_idx[t] may see key at k_idx[s] (causal; with a sliding
-    window only the last `sliding_window` indices, itself included, as transformers counts)."""
-    mask = k_idx[None, :] <= q_idx[:, None]
-    if sliding_window is not None:
-        mask &= q_idx[:, None] - k_idx[None, :] < sliding_window
-    return mask
-
-
-def causal_mask(
-    segment_ids_BT: jax.Array | None, batch: int, length: int, sliding_window: int | None = None
-) -> jax.Array:
-    """[B, T, T] bool: causal, and only within the same segment (packed documents, padding = 0)."""
-    idx = jnp.arange(length)
-    mask_TT = visible(idx, idx, sliding_window)
-    if segment_ids_BT is None:
-        return jnp.broadcast_to(mask_TT, (batch, length, length))
-    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return mask_TT[None] & same_BTT
-
-
 # ---- modules --------------------------------------------------------------------------------
 @jax.custom_vjp
 def _dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -99,12 +81,12 @@ def _dense_dot_fwd(x, kernel):
 
 
 def _dense_dot_bwd(residuals, dy):
-    """The usual backward, but a 16-bit kernel is read through a fresh value (`kernel + 0 *
-    dy[0]`): XLA:CPU computes a 16-bit matmul on a float32 copy of its operands, and the
+    """The usual backward, but on a CPU a 16-bit kernel is read through a fresh value (`kernel +
+    0 * dy[0]`): XLA:CPU computes a 16-bit matmul on a float32 copy of its operands, and the
     backward's copy would otherwise be the forward's, kept alive in between -- in the fused
     engine, the float32 copies of every weight of a block at once."""
     x, kernel = residuals
-    if kernel.dtype != jnp.float32:
+    if kernel.dtype != jnp.float32 and compiler.target()[0] == "cpu":
         kernel = kernel + (0.0 * dy[(0,) * dy.ndim]).astype(kernel.dtype)
     dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
     batch = tuple(range(x.ndim - 1))
@@ -168,19 +150,13 @@ class Attention(nn.Module):
         k_BTHK = apply_rope(k_BTHK, positions_BT, inv_freq)
         return q_BTHK, k_BTHK, self.v_proj(x_BTD).reshape(B, T, KVH, K)
 
-    def attend(self, q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+    def attend(self, q_BTHK, k_BSHK, v_BSHK, mask: Mask):
         B, T, H, K = q_BTHK.shape
-        KVH = k_BSHK.shape[2]
-        # Grouped-query attention: each KV head serves H // KVH query heads. Heads go before
-        # positions, so every einsum is a plain batched matmul (no transposed outputs).
-        q_BHGTK = q_BTHK.reshape(B, T, KVH, H // KVH, K).transpose(0, 2, 3, 1, 4)
-        k_BHSK, v_BHSK = k_BSHK.transpose(0, 2, 1, 3), v_BSHK.transpose(0, 2, 1, 3)
-        scores_BHGTS = jnp.einsum("bhgtk,bhsk->bhgts", q_BHGTK, k_BHSK).astype(jnp.float32)
-        scores_BHGTS = scores_BHGTS / np.sqrt(K).astype(np.float32)
-        scores_BHGTS = jnp.where(mask_BTS[:, None, None], scores_BHGTS, jnp.finfo(jnp.float32).min)
-        probs_BHGTS = jax.nn.softmax(scores_BHGTS, axis=-1).astype(v_BSHK.dtype)
-        out_BHGTK = jnp.einsum("bhgts,bhsk->bhgtk", probs_BHGTS, v_BHSK)
-        return self.o_proj(out_BHGTK.transpose(0, 3, 1, 2, 4).reshape(B, T, H * K))
+        cfg = self.cfg
+        out_BTHK = attention.attend(
+            q_BTHK, k_BSHK, v_BSHK, mask, cfg.attention, window=cfg.sliding_window
+        )
+        return self.o_proj(out_BTHK.reshape(B, T, H * K))
 
 
 class MLP(nn.Module):
@@ -214,26 +190,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(eps)
         self.mlp = MLP(self.cfg)
 
-    def attention_norm(self, h_BTD, positions_BT, mask_BTS):
+    def attention_norm(self, h_BTD, positions_BT, mask):
         return h_BTD, self.input_layernorm(h_BTD)
 
-    def attention_in(self, h_BTD, x_BTD, positions_BT, mask_BTS):
+    def attention_in(self, h_BTD, x_BTD, positions_BT, mask):
         return h_BTD, *self.self_attn.project(x_BTD, positions_BT)
 
-    def attention_out(self, h_BTD, q_BTHK, k_BSHK, v_BSHK, positions_BT, mask_BTS):
-        return (h_BTD + self.self_attn.attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS),)
+    def attention_out(self, h_BTD, q_BTHK, k_BSHK, v_BSHK, positions_BT, mask):
+        return (h_BTD + self.self_attn.attend(q_BTHK, k_BSHK, v_BSHK, mask),)
 
-    def mlp_norm(self, h_BTD, positions_BT, mask_BTS):
+    def mlp_norm(self, h_BTD, positions_BT, mask):
         return h_BTD, self.post_attention_layernorm(h_BTD)
 
-    def mlp_in(self, h_BTD, x_BTD, positions_BT, mask_BTS):
+    def mlp_in(self, h_BTD, x_BTD, positions_BT, mask):
         return h_BTD, *self.mlp.expand(x_BTD)
 
-    def mlp_out(self, h_BTD, gate_BTF, up_BTF, positions_BT, mask_BTS):
+    def mlp_out(self, h_BTD, gate_BTF, up_BTF, positions_BT, mask):
         return (h_BTD + self.mlp.contract(gate_BTF, up_BTF),)
 
-    def __call__(self, h_BTD, positions_BT, mask_BTS, cache=None, index=None):
-        ctx = (positions_BT, mask_BTS)
+    def __call__(self, h_BTD, positions_BT, mask, cache=None, index=None):
+        ctx = (positions_BT, mask)
         h_BTD, q, k, v = self.attention_in(*self.attention_norm(h_BTD, *ctx), *ctx)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache.k_BSHK, k, index, axis=1)
@@ -256,11 +232,11 @@ LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def layer_step(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask_BTS: jax.Array):
+def layer_step(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask: Mask):
     """Step `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
-        {"params": p}, *xs, positions_BT, mask_BTS, method=method
+        {"params": p}, *xs, positions_BT, mask, method=method
     )
 
 
@@ -274,10 +250,10 @@ def decoder_layer(
     p_layer: Params,
     h_BTD: jax.Array,
     positions_BT: jax.Array,
-    mask_BTS: jax.Array,
+    mask: Mask,
 ) -> jax.Array:
     """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
-    return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask_BTS)[0]
+    return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask)[0]
 
 
 def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
@@ -317,12 +293,11 @@ def hidden_states(
     segment_ids_BT: jax.Array | None = None,
 ) -> jax.Array:
     """The last layer's output [B, T, D], before the final norm and the head."""
-    B, T = ids_BT.shape
     positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
-    mask_BTT = causal_mask(segment_ids_BT, B, T, cfg.sliding_window)
+    mask = Mask(segment_ids_BT)
 
     def step(h, p_layer):
-        return decoder_layer(cfg, p_layer, h, positions_BT, mask_BTT), None
+        return decoder_layer(cfg, p_layer, h, positions_BT, mask), None
 
     h_BTD, _ = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT), params["layers"])
     return h_BTD
@@ -345,11 +320,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     k_emb, k_layers, k_head = jax.random.split(key, 3)
     init = nn.initializers.normal(0.02)
     B, T = 1, 1
-    dummy = (
-        jnp.zeros((B, T, cfg.hidden_size), dtype),
-        jnp.zeros((B, T), jnp.int32),
-        jnp.ones((B, T, T), bool),
-    )
+    dummy = (jnp.zeros((B, T, cfg.hidden_size), dtype), jnp.zeros((B, T), jnp.int32), Mask())
     layer_init = lambda k: DecoderLayer(cfg).init(k, *dummy)["params"]  # noqa: E731
     layers = jax.vmap(layer_init)(jax.random.split(k_layers, cfg.num_hidden_layers))
     params = {

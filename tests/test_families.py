@@ -321,7 +321,7 @@ def test_each_layer_step_runs_on_its_rows_alone(name):
     compute the layer is the fused step's test: it differentiates through the steps.)"""
     cfg = ALL_ROWS[name]
     ids = random_ids(cfg, 1, 8)
-    positions, mask = batch_inputs(Batch(ids, ids), cfg.sliding_window)
+    positions, mask = batch_inputs(Batch(ids, ids))
 
     def steps_and_layer(key):
         layer = flatten_dict(lomo_jax.init_params(cfg, key)[LAYERS])
