@@ -134,6 +134,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     import json
 
     from lomo_jax.memory import GPUS, plan
+    from lomo_jax.train import DTYPES
 
     cfg = _model_config(a.model).replace(attention=a.attention)
     if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
