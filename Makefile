@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two workers (pytest-xdist), a test file each at a time: module fixtures are built once.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lomo-jax demo

@@ -178,7 +178,7 @@ def test_yaml_config_with_flag_overrides(tmp_path):
     "text, message",
     [
         ("learning_rate: 0.1\n", "unknown option 'learning_rate'"),
-        ("model: m\ndata: d\nout: o\nrounding: up\n", "unknown rounding 'up'"),
+        ("model: m\ndata: d\nout: o\nrounding: up\n", "rounding: 'up'; choose from"),
     ],
 )
 def test_yaml_config_rejects_unknown_options(tmp_path, capsys, text, message):
