@@ -31,7 +31,7 @@ def run(model: Path, out: Path, optimizer: str, dtype: str, rounding: str, steps
         out=str(out),
         format="alpaca",
         optimizer=optimizer,
-        lr=LR[optimizer],
+        lr=kw.get("lr", LR[optimizer]),
         steps=steps,
         batch_size=kw.get("batch_size", 8),
         seq_len=kw.get("seq_len", 256),
@@ -61,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = import_stories(tmp / "stories")
-        start = run(model, tmp / "start", "lomo", "float32", "nearest", 0)  # 0 steps: evaluates
+        # One step at learning rate 0 changes nothing (float32): the loss before training.
+        start = run(model, tmp / "start", "lomo", "float32", "nearest", 1, lr=0.0)
         for optimizer in a.optimizers.split(","):
             losses = {}
             for dtype, rounding in VARIANTS:
