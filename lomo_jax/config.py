@@ -55,14 +55,18 @@ def family_of(model_type: str) -> Family:
         raise ValueError(f"model_type {model_type!r} is not supported (known: {known})") from None
 
 
-# Keys every family reads and writes.
-COMMON_KEYS = (
+# The model's dimensions: keys of every family, positive integers.
+_DIMENSIONS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
+)
+# Keys every family reads and writes.
+COMMON_KEYS = (
+    *_DIMENSIONS,
     "rms_norm_eps",
     "rope_theta",
     "rope_scaling",
@@ -75,17 +79,7 @@ COMMON_KEYS = (
 # Fields only some families have; elsewhere they keep these values (and head_dim its default).
 _FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": None}
 # Sizes: positive integers (None where derived or absent).
-_SIZES = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-    "sliding_window",
-)
+_SIZES = (*_DIMENSIONS, "head_dim", "max_position_embeddings", "sliding_window")
 
 
 def _is_int(x: Any) -> bool:
