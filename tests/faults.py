@@ -56,6 +56,8 @@ def main() -> int:
     fault, args = sys.argv[1], sys.argv[2:]
     kind, _, n = fault.partition("=")
     if kind == "sigint-at-import":
+        # Delivered even when the suite runs as a background job, which starts with it ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.meta_path.insert(0, _SigintAtImport())
     elif kind == "kill-at-save":
         _kill_at_save(int(n))

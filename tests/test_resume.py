@@ -117,6 +117,15 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert leftovers(killed) == []
 
 
+@pytest.fixture(autouse=True)
+def sigint_delivered():
+    """Ctrl-C reaches these tests however the suite was started: a shell without job control
+    starts a background job (`make test &`) with SIGINT ignored, which lomo-jax keeps."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def signal_at(monkeypatch, step: int, *signals: signal.Signals) -> None:
     """Sends SIGNALS to this process as the loop starts step STEP (counted from 0)."""
     import lomo_jax.train
