@@ -48,6 +48,7 @@ from lomo_jax.atomic import (
     write_file,
 )
 from lomo_jax.checkpoint import CheckpointError
+from lomo_jax.compiler import jit
 from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.engine import TrainState, all_finite
 from lomo_jax.loss_scale import ScaleState
@@ -72,7 +73,7 @@ class RunInUseError(RuntimeError):
     pass
 
 
-_all_finite = jax.jit(all_finite)
+_all_finite = jit(all_finite)  # the project's jit: its CPU compile options, as every step's
 
 
 def _finite(tree: Any) -> bool:
