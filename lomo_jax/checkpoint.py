@@ -275,17 +275,21 @@ def save_pretrained(
     return Path(out)
 
 
-def load_pretrained(
-    path: str | Path, sharding: ShardingFn | None = None
-) -> tuple[LlamaConfig, Any, list[Path]]:
+def read_model_info(path: str | Path) -> tuple[LlamaConfig, list[Path]]:
+    """A saved model's config and tokenizer files, its weights unread."""
     p = Path(path)
     try:
         cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{p / CONFIG_FILE}: invalid config: {e}") from None
-    params = read_params(p / PARAMS_DIR, sharding)
-    toks = [p / n for n in TOKENIZER_FILES if (p / n).exists()]
-    return cfg, params, toks
+    return cfg, [p / n for n in TOKENIZER_FILES if (p / n).exists()]
+
+
+def load_pretrained(
+    path: str | Path, sharding: ShardingFn | None = None
+) -> tuple[LlamaConfig, Any, list[Path]]:
+    cfg, toks = read_model_info(path)
+    return cfg, read_params(Path(path) / PARAMS_DIR, sharding), toks
 
 
 def tree_to_numpy(tree: Any) -> Any:

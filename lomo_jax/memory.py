@@ -31,7 +31,7 @@ from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.model import param_shapes
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
-from lomo_jax.sharding import Layout, make_mesh
+from lomo_jax.sharding import Layout, abstract, make_mesh
 
 METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
 SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
@@ -159,12 +159,6 @@ def _bytes(tree: Any) -> int:
     return sum(one(x) for x in jax.tree.leaves(tree))
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 def lower(
     cfg: LlamaConfig,
     method: str,
@@ -189,8 +183,8 @@ def _lower(cfg, method, batch_size, seq_len, dtype, layout, rounding):
     if sharded is not None:
         if method not in SHARDED_METHODS:
             raise ValueError(f"{method}: sharded plans exist for {SHARDED_METHODS}")
-        params = _abstract(params, layout.params(params))
-        ids = _abstract(ids, layout.batch(ids.shape))
+        params = abstract(params, layout.params(params))
+        ids = abstract(ids, layout.batch(ids.shape))
     batch = Batch(ids, ids)
     if method == "inference":
         step = jit(functools.partial(eval_nll, cfg))
@@ -202,7 +196,7 @@ def _lower(cfg, method, batch_size, seq_len, dtype, layout, rounding):
         state = state._replace(params=params)  # eval_shape drops the shardings
         if sharded is not None:
             state = state._replace(
-                opt_state=_abstract(state.opt_state, layout.opt_state(rule, params))
+                opt_state=abstract(state.opt_state, layout.opt_state(rule, params))
             )
         scaler = DynamicLossScale() if float16 else None
         step = make_fused_step(cfg, rule, Schedule(1e-3), scaler, sharded, rounding)

@@ -14,8 +14,8 @@ from lomo_jax import checkpoint, hub
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import GenerateError, generate
-from lomo_jax.model import forward
-from lomo_jax.sharding import Layout, put
+from lomo_jax.model import forward, param_shapes
+from lomo_jax.sharding import Layout, abstract, put
 from lomo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
@@ -79,20 +79,39 @@ def tokenizer_from(files: list[Path]) -> Tokenizer | None:
     return None
 
 
+def _model_info(path: Path, tokenizer: str | Path | None) -> tuple[LlamaConfig, list[Path]]:
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.read_model_info(path)
+    from convert.sources import detect
+
+    src = detect(path, tokenizer)
+    return src.config, src.tokenizer_files
+
+
 def from_pretrained(
     path: str | Path,
     tokenizer: str | Path | None = None,
     dtype: Any = None,
     layout: Layout | None = None,
+    weights: bool = True,
 ) -> LlamaModel:
     """Loads a lomo-jax checkpoint, a Hugging Face directory or Hub id (`org/name`, from the
     local Hugging Face cache), a Meta original directory or a llama2.c `.bin`; weights from other
     formats are converted in memory.
 
     With a `layout` each device receives only its shards: a checkpoint is read shard by shard,
-    a converted model goes from host memory straight into the shards."""
+    a converted model goes from host memory straight into the shards. With `weights=False` only
+    the config and tokenizer are read and `params` are `jax.ShapeDtypeStruct`s of `dtype` (laid
+    out on `layout`): for a resumed run, whose weights come from its own checkpoint."""
     path = hub.resolve(path)
-    if checkpoint.is_checkpoint(path):
+    if not weights:
+        if dtype is None:
+            raise ValueError("from_pretrained(weights=False) needs the dtype of the weights")
+        cfg, files = _model_info(path, tokenizer)
+        params = param_shapes(cfg, dtype)
+        if layout is not None:
+            params = abstract(params, layout.params(params))
+    elif checkpoint.is_checkpoint(path):
         cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)  # keeps the sharding

@@ -172,6 +172,13 @@ class Layout:
         return type(batch)(*(None if a is None else put(a, self.batch(a.shape)) for a in batch))
 
 
+def abstract(tree: Any, shardings: Any) -> Any:
+    """`tree`'s shapes and dtypes laid out as `shardings` (for compiling or restoring into)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
 def put(tree: Any, shardings: Any) -> Any:
     """Host arrays -> global arrays: each device receives only its own slice, and each process
     only builds its own devices' slices (works across hosts, unlike a plain device_put)."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import gc
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
 from lomo_jax.schedule import SCHEDULES, Schedule
-from lomo_jax.sharding import Layout, MeshError, make_mesh
+from lomo_jax.sharding import Layout, MeshError, abstract, make_mesh
 
 log = logging.getLogger("lomo_jax")
 
@@ -208,8 +211,9 @@ def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: 
     return order[k * batch_size : (k + 1) * batch_size]
 
 
-def _make_step(c: TrainConfig, cfg, params, layout: Layout):
-    """(initial TrainState, step function (state, batch) -> (state, metrics)) for any optimizer."""
+def _optimizer(c: TrainConfig, cfg, layout: Layout) -> tuple[Callable, Callable]:
+    """(init: weights -> step-0 TrainState, step: (state, batch) -> (state, metrics)) for any
+    optimizer."""
     schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
     if c.optimizer in ("lomo", "adalomo"):
         cls = Lomo if c.optimizer == "lomo" else AdaLomo
@@ -219,14 +223,23 @@ def _make_step(c: TrainConfig, cfg, params, layout: Layout):
             clip_grad_value=c.clip_grad_value,
         )
         scaler = DynamicLossScale() if c.dtype == "float16" else None
-        return (
-            init_train_state(rule, params, scaler is not None, scaler, layout),
-            make_fused_step(cfg, rule, schedule, scaler, layout, c.rounding, c.seed),
+        init = functools.partial(
+            init_train_state, rule, float16=scaler is not None, loss_scale=scaler, layout=layout
         )
+        return init, make_fused_step(cfg, rule, schedule, scaler, layout, c.rounding, c.seed)
     tx = optax_transform(c.optimizer, schedule, c.weight_decay, c.clip_grad_norm, c.clip_grad_value)
-    state = TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
-    step = make_optax_train_step(cfg, tx, schedule, c.gradient_accumulation_steps)
-    return layout.on_mesh(state), step
+
+    def init(params):
+        return TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
+
+    return init, make_optax_train_step(cfg, tx, schedule, c.gradient_accumulation_steps)
+
+
+def _abstract_state(init: Callable, params: Any) -> TrainState:
+    """What `init(params)` would build (shapes, dtypes, shardings), built from abstract weights:
+    a resumed run reads its checkpoint into it, never the model's weights as well."""
+    shardings = jax.jit(init).lower(params).compile().output_shardings
+    return abstract(jax.eval_shape(init, params), shardings)
 
 
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
@@ -242,11 +255,12 @@ def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows
     return rows, None
 
 
-def _load_inputs(c: TrainConfig, layout: Layout):
-    """The model and the training / validation rows, every input checked."""
+def _load_inputs(c: TrainConfig, layout: Layout, weights: bool = True):
+    """The model (its weights abstract without `weights`) and the training / validation rows,
+    every input checked."""
     from lomo_jax.pretrained import from_pretrained
 
-    model = from_pretrained(c.model, c.tokenizer, dtype=DTYPES[c.dtype], layout=layout)
+    model = from_pretrained(c.model, c.tokenizer, DTYPES[c.dtype], layout, weights)
     cfg = model.config
     check_seq_len(c.seq_len, cfg, c.model)
     check_tokenizer(model.tokenizer, cfg.vocab_size)
@@ -287,21 +301,30 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 c.batch_size,
                 splits,
             )
-        model, rows, eval_rows = _load_inputs(c, layout)
+        restart = resume and bool(run.checkpoints())  # the weights come from the checkpoint
+        model, rows, eval_rows = _load_inputs(c, layout, weights=not restart)
         if signum := _stop_requested():
             raise interrupt.Interrupted(signum, "before training started; nothing written")
         if not resume:
             run = stack.enter_context(RunDir.create(c.out))
         run.recover()
         run.write_config(dataclasses.asdict(c))
-        state, step_fn = _make_step(c, model.config, model.params, layout)
-        if resume and run.checkpoints():
-            like = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-            )
-            model.params = state = None  # free the starting weights: never hold two copies
-            state = run.load_latest(like, layout)
+        init, step_fn = _optimizer(c, model.config, layout)
+        if restart:
+            state = run.load_latest(_abstract_state(init, model.params), layout)
+        else:
+            state = layout.on_mesh(init(model.params))
+        model.params = None  # the state holds the weights from here
+        _drop_loading_leftovers()
         return _loop(c, run, model, state, step_fn, rows, eval_rows, layout)
+
+
+def _drop_loading_leftovers() -> None:
+    """Frees, before the first step's peak, what reading the weights left: host copies of whole
+    tensors in orbax's reference cycles (an embedding's worth) and the readers' executables (one
+    per stacked shape), which would otherwise stay for the whole run."""
+    gc.collect()
+    jax.clear_caches()
 
 
 def _stop_requested() -> int | None:

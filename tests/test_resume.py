@@ -231,3 +231,25 @@ def test_non_finite_stops_and_keeps_the_last_finite_checkpoint(
     for p in saved:  # what --resume would pick is finite
         params = read_params(p / "params")
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("optimizer", ["adalomo", "adamw"])
+def test_resume_takes_the_weights_from_the_checkpoint_only(tmp_path, optimizer):
+    # A resumed run reads the model's config and tokenizer, never its weights (reading them
+    # only to throw them away cost a whole model's read and left its memory behind): with the
+    # model's weight file zeroed, the run resumes and equals the run never stopped.
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
+
+    def run(out, steps):
+        flags = ["--optimizer", optimizer, "--lr", "0.01", "--batch-size", "4", "--seq-len", "16"]
+        return main(train_args(src, data, out, *flags, "--steps", str(steps)))
+
+    assert run(tmp_path / "straight", 4) == 0
+    assert run(tmp_path / "stopped", 2) == 0
+    weights = src / "model.safetensors"
+    weights.write_bytes(bytes(weights.stat().st_size))
+    assert main(["train", "--resume", str(tmp_path / "stopped"), "--steps", "4"]) == 0
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+    straight, resumed = (read_params(tmp_path / run / "params") for run in ("straight", "stopped"))
+    assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
