@@ -251,5 +251,5 @@ def test_resume_takes_the_weights_from_the_checkpoint_only(tmp_path, optimizer):
     weights.write_bytes(bytes(weights.stat().st_size))
     assert main(["train", "--resume", str(tmp_path / "stopped"), "--steps", "4"]) == 0
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
-    straight, resumed = (read_params(tmp_path / run / "params") for run in ("straight", "stopped"))
+    straight, resumed = (read_params(tmp_path / d / "params") for d in ("straight", "stopped"))
     assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
