@@ -66,32 +66,35 @@ def accumulated_value_and_grad(cfg: LlamaConfig, params, batch: Batch, micro_bat
     return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int = 1):
-    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`; with
-    `micro_batches` > 1 the gradient is accumulated over slices of the batch (the Hugging Face
-    Trainer's gradient_accumulation_steps, the whole batch given at once)."""
-
-    def step(params, opt_state, batch):
+def _optax_update(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int):
+    def update(params, opt_state, batch):
         loss, grads = accumulated_value_and_grad(cfg, params, batch, micro_batches)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jit(step, donate_argnums=(0, 1))
+    return update
+
+
+def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int = 1):
+    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`; with
+    `micro_batches` > 1 the gradient is accumulated over slices of the batch (the Hugging Face
+    Trainer's gradient_accumulation_steps, the whole batch given at once)."""
+    return jit(_optax_update(cfg, tx, micro_batches), donate_argnums=(0, 1))
 
 
 def make_optax_train_step(
     cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule, micro_batches: int = 1
 ):
-    """The optax step behind the fused step's interface, `(TrainState, batch) -> (state,
-    metrics)`, so the training loop and its checkpoints treat every optimizer alike."""
-    optax_step = make_optax_step(cfg, tx, micro_batches)
+    """The optax step behind the fused step's interface, jitted whole, `(TrainState, batch) ->
+    (state, metrics)`, so the training loop and its checkpoints treat every optimizer alike."""
+    update = _optax_update(cfg, tx, micro_batches)
 
     def step(state: TrainState, batch: Batch):
-        params, opt_state, loss = optax_step(state.params, state.opt_state, batch)
+        params, opt_state, loss = update(state.params, state.opt_state, batch)
         metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(params, opt_state, state.step + 1, state.scale), metrics
 
-    return step
+    return jit(step, donate_argnums=0)
 
 
 def unfused_step(

@@ -104,22 +104,39 @@ def from_pretrained(
     the config and tokenizer are read and `params` are `jax.ShapeDtypeStruct`s of `dtype` (laid
     out on `layout`): for a resumed run, whose weights come from its own checkpoint."""
     path = hub.resolve(path)
-    if not weights:
+    if weights:
+        cfg, params, files = _read(path, tokenizer, dtype, layout)
+    else:
         if dtype is None:
             raise ValueError("from_pretrained(weights=False) needs the dtype of the weights")
         cfg, files = _model_info(path, tokenizer)
         params = param_shapes(cfg, dtype)
         if layout is not None:
             params = abstract(params, layout.params(params))
-    elif checkpoint.is_checkpoint(path):
-        cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
-        if dtype is not None:
-            params = jax.tree.map(lambda x: x.astype(dtype), params)  # keeps the sharding
-    else:
-        from convert import load
-
-        cfg, params, files = load(path, tokenizer, dtype)
-        params = put(params, layout.params(params)) if layout else jax.tree.map(jnp.asarray, params)
     if tokenizer is not None:
         files = [Path(tokenizer)]
     return LlamaModel(cfg, params, tokenizer_from(files))
+
+
+def read_weights(
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    dtype: Any = None,
+    layout: Layout | None = None,
+) -> Any:
+    """The weights `from_pretrained` would give, alone: for a model first loaded with
+    `weights=False` (a training run compiles its step before any weight is in memory)."""
+    return _read(hub.resolve(path), tokenizer, dtype, layout)[1]
+
+
+def _read(path: Path, tokenizer, dtype, layout) -> tuple[LlamaConfig, Any, list[Path]]:
+    if checkpoint.is_checkpoint(path):
+        cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
+        if dtype is not None:
+            params = jax.tree.map(lambda x: x.astype(dtype), params)  # keeps the sharding
+        return cfg, params, files
+    from convert import load
+
+    cfg, params, files = load(path, tokenizer, dtype)
+    params = put(params, layout.params(params)) if layout else jax.tree.map(jnp.asarray, params)
+    return cfg, params, files

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from lomo_jax import checkpoint, interrupt
+from lomo_jax import checkpoint, host_memory, interrupt
 from lomo_jax.baseline import make_optax_train_step, optax_transform
 from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
@@ -32,6 +31,7 @@ from lomo_jax.engine import TrainState, init_train_state, make_fused_step
 from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
+from lomo_jax.pretrained import from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
@@ -211,6 +211,10 @@ def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: 
     return order[k * batch_size : (k + 1) * batch_size]
 
 
+def _rows_of_step(c: TrainConfig, rows: Rows, step: int) -> Rows:
+    return rows.take(batch_indices(len(rows), c.rows_per_step, step, c.shuffle, c.seed))
+
+
 def _optimizer(c: TrainConfig, cfg, layout: Layout) -> tuple[Callable, Callable]:
     """(init: weights -> step-0 TrainState, step: (state, batch) -> (state, metrics)) for any
     optimizer."""
@@ -255,12 +259,10 @@ def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows
     return rows, None
 
 
-def _load_inputs(c: TrainConfig, layout: Layout, weights: bool = True):
-    """The model (its weights abstract without `weights`) and the training / validation rows,
-    every input checked."""
-    from lomo_jax.pretrained import from_pretrained
-
-    model = from_pretrained(c.model, c.tokenizer, DTYPES[c.dtype], layout, weights)
+def _load_inputs(c: TrainConfig, layout: Layout):
+    """The model (its weights abstract: they are read once the step is compiled) and the
+    training / validation rows, every input checked."""
+    model = from_pretrained(c.model, c.tokenizer, DTYPES[c.dtype], layout, weights=False)
     cfg = model.config
     check_seq_len(c.seq_len, cfg, c.model)
     check_tokenizer(model.tokenizer, cfg.vocab_size)
@@ -302,29 +304,40 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
                 splits,
             )
         restart = resume and bool(run.checkpoints())  # the weights come from the checkpoint
-        model, rows, eval_rows = _load_inputs(c, layout, weights=not restart)
+        model, rows, eval_rows = _load_inputs(c, layout)
+        init, step_fn = _optimizer(c, model.config, layout)
+        like = _abstract_state(init, model.params)
+        step_fn = _compile(step_fn, like, layout.put_batch(_rows_of_step(c, rows, 0).batch()))
+        params = None if restart else read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout)
         if signum := _stop_requested():
             raise interrupt.Interrupted(signum, "before training started; nothing written")
         if not resume:
             run = stack.enter_context(RunDir.create(c.out))
         run.recover()
         run.write_config(dataclasses.asdict(c))
-        init, step_fn = _optimizer(c, model.config, layout)
-        if restart:
-            state = run.load_latest(_abstract_state(init, model.params), layout)
-        else:
-            state = layout.on_mesh(init(model.params))
-        model.params = None  # the state holds the weights from here
+        state = run.load_latest(like, layout) if restart else layout.on_mesh(init(params))
+        del params  # the state holds the weights from here
         _drop_loading_leftovers()
         return _loop(c, run, model, state, step_fn, rows, eval_rows, layout)
 
 
+def _compile(step_fn: Callable, like: TrainState, batch: Any) -> Callable:
+    """The step compiled before any weight is in memory: the compiler's own peak and what it
+    leaves in malloc's heaps never add to the weights' (a LLaMA-7B run peaks 0.25 GB lower)."""
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(like, batch).compile()
+    log.info("compiled the training step in %.0f s", time.perf_counter() - t0)
+    host_memory.release()
+    return compiled
+
+
 def _drop_loading_leftovers() -> None:
     """Frees, before the first step's peak, what reading the weights left: host copies of whole
-    tensors in orbax's reference cycles (an embedding's worth) and the readers' executables (one
-    per stacked shape), which would otherwise stay for the whole run."""
-    gc.collect()
+    tensors in orbax's reference cycles (an embedding's worth), the readers' executables (one
+    per stacked shape), and the memory malloc kept of both, which would otherwise stay for the
+    whole run."""
     jax.clear_caches()
+    host_memory.release()
 
 
 def _stop_requested() -> int | None:
@@ -362,7 +375,7 @@ def _loop(c: TrainConfig, run: RunDir, model, state, step_fn, rows, eval_rows, l
                 raise interrupt.Interrupted(
                     signum, f"at step {step}: {kept}; lomo-jax train --resume {run.path} goes on"
                 )
-            b = rows.take(batch_indices(len(rows), c.rows_per_step, step, c.shuffle, c.seed))
+            b = _rows_of_step(c, rows, step)
             t0 = time.perf_counter()
             new_state, m = step_fn(state, layout.put_batch(b.batch()))
             m = {k: float(v) for k, v in m.items()}  # waits for the step

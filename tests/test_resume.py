@@ -253,3 +253,33 @@ def test_resume_takes_the_weights_from_the_checkpoint_only(tmp_path, optimizer):
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
     straight, resumed = (read_params(tmp_path / d / "params") for d in ("straight", "stopped"))
     assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_the_step_compiles_before_any_weight_is_read(tmp_path, monkeypatch, resume):
+    # The compiler's peak, and the memory malloc keeps of it, must not come on top of the
+    # weights' (at LLaMA-7B a whole run's peak is decided by them): while the step compiles,
+    # neither the model's weights nor the checkpoint's are in memory.
+    import lomo_jax.train
+
+    src = make_hf_dir(tmp_path / "hf", CFG)
+    data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 8, 16, seed=1))
+    flags = ["--lr", "0.01", "--batch-size", "4", "--seq-len", "16"]
+    if resume:
+        assert main(train_args(src, data, tmp_path / "run", *flags, "--steps", "1")) == 0
+    before = {id(x) for x in jax.live_arrays()}
+    held = []
+    compile_step = lomo_jax.train._compile
+
+    def compile_and_look(*a):
+        held.append(sum(x.nbytes for x in jax.live_arrays() if id(x) not in before))
+        return compile_step(*a)
+
+    monkeypatch.setattr(lomo_jax.train, "_compile", compile_and_look)
+    argv = (
+        ["train", "--resume", str(tmp_path / "run"), "--steps", "2"]
+        if resume
+        else train_args(src, data, tmp_path / "run", *flags, "--steps", "1")
+    )
+    assert main(argv) == 0
+    assert len(held) == 1 and held[0] < 4 * CFG.num_params / 100, held  # the batch only
