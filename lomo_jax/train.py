@@ -241,7 +241,8 @@ def _optimizer(c: TrainConfig, cfg, layout: Layout) -> tuple[Callable, Callable]
 
 def _abstract_state(init: Callable, params: Any) -> TrainState:
     """What `init(params)` would build (shapes, dtypes, shardings), built from abstract weights:
-    a resumed run reads its checkpoint into it, never the model's weights as well."""
+    the step is compiled for it before any weight is read, and a resumed run reads its
+    checkpoint into it, never the model's weights as well."""
     shardings = jax.jit(init).lower(params).compile().output_shardings
     return abstract(jax.eval_shape(init, params), shardings)
 
