@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lomo_jax import cuda_plugin, interrupt
+from lomo_jax import cuda_plugin, host_memory, interrupt
 
 log = logging.getLogger("lomo_jax")
 
@@ -371,6 +371,7 @@ def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    host_memory.configure()  # before the imports allocate
     with interrupt.caught():  # before the imports, which take seconds
         try:
             cuda_plugin.import_jax()
