@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+from pathlib import Path
 
 MADV_PAGEOUT = 21  # Linux >= 5.4
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -53,8 +54,8 @@ def _read_only_file_mappings() -> list[tuple[int, int]]:
     """(start, length) of every mapping of a file this process cannot write to through it: the
     code and constants of Python, XLA and every other library."""
     try:
-        lines = open("/proc/self/maps").read().splitlines()
-    except OSError:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # no /proc: not Linux
         return []
     out = []
     for line in lines:
@@ -75,7 +76,8 @@ def configure() -> None:
 
 def release() -> None:
     """Collects Python's garbage, returns every malloc arena's free pages to the OS, and asks the
-    kernel to reclaim the library pages this process has touched."""
+    kernel to reclaim the pages of read-only file mappings (the libraries' code) that no other
+    process maps; those the next phase runs come back from the page cache or the disk."""
     gc.collect()
     if _TRIM is not None:
         _TRIM(0)
