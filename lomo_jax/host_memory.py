@@ -10,8 +10,9 @@ in another. Three things kept it, all measured there:
 - its mmap threshold moves: after the first free of an mmapped block of up to 32 MiB, blocks
   that size come from the heap and stay there when freed, by an amount that depends on the
   order of earlier allocations;
-- the code pages the compiler ran (100-350 MB of XLA's library) stay mapped until the kernel
-  needs the memory, which depends on what else the machine read meanwhile.
+- the code pages the compiler ran (100-340 MB of library pages at the step, most of them XLA's)
+  stay mapped until the kernel needs the memory, which depends on what else the machine read
+  meanwhile.
 `configure()` fixes the thresholds at the start; `release()` after each phase hands back the
 rest, leaving the step's peak to the step.
 """
