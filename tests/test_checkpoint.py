@@ -39,3 +39,27 @@ def test_large_stacked_leaves_are_written_in_layer_pieces(tmp_path, monkeypatch)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_a_step_updates_restored_arrays_in_place(tmp_path):
+    # On CPU an array orbax restores can share tensorstore's numpy buffer, which XLA cannot
+    # donate: the step would write such a leaf to a new buffer and hold both copies.
+    cfg = CONFIGS["gqa"]
+    rule = AdaLomo()
+    step = make_fused_step(cfg, rule, Schedule(1e-3))
+    ids = jnp.asarray(random_ids(cfg, 2, 8))
+    state = init_train_state(rule, lomo_jax.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    state, _ = step(state, Batch(ids, ids))
+    for name, tree in (("params", state.params), ("opt", state.opt_state)):
+        write_params(tmp_path / name, tree)
+    restored = state._replace(
+        params=read_params(tmp_path / "params"), opt_state=read_params(tmp_path / "opt")
+    )
+    before = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(restored[:2])]
+    after, _ = step(restored, Batch(ids, ids))
+    moved = [
+        jax.tree_util.keystr(path)
+        for (path, x), p in zip(jax.tree_util.tree_leaves_with_path(after[:2]), before)
+        if x.unsafe_buffer_pointer() != p
+    ]
+    assert moved == []
