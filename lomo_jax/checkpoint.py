@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,19 @@ CHECKSUMS_FILE = "checksums.json"
 PIECE_BYTES = 256 * 2**20
 
 
+@contextlib.contextmanager
+def _os_errors(dest: Path) -> Iterator[None]:
+    """tensorstore's failed writes (a full disk, no permission) as the OSError they are: orbax
+    raises them as ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']")."""
+    try:
+        yield
+    except ValueError as e:
+        code = re.search(r"os_error_code='(\d+)'", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(dest)) from None
+
+
 def write_params(path: Path, params: Any) -> None:
     """One orbax checkpoint per leaf (and per layer slice of a large stacked leaf), one after
     another.
@@ -74,7 +89,8 @@ def write_params(path: Path, params: Any) -> None:
             # One slice at a time: a list of them would be a second copy of the stack.
             for i, piece in enumerate((leaf[i] for i in range(pieces)) if pieces else [leaf]):
                 dest = path / (f"{name}@{i}" if pieces else name)
-                ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
+                with _os_errors(dest):
+                    ckptr.save(dest, args=ocp.args.PyTreeSave({"value": piece}))
             index.append({"name": name, "pieces": pieces})
     barrier(f"wrote {path}")  # every process's shards are there before they are summed up
     if is_primary():

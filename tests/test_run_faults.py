@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lomo_jax import checkpoint
@@ -60,17 +61,33 @@ def test_full_disk_in_the_event_writer_stops_with_one_line(tmp_path, inputs):
     assert leftovers(run) == []
 
 
+# What orbax raised when a LLaMA-7B checkpoint filled this machine's disk (tensorstore's error).
+ORBAX_ENOSPC = (
+    'RESOURCE_EXHAUSTED: Error writing "value/0.0" in OCDBT database at local file "{0}/": '
+    'Failed writing: "{0}/d/ce04863869830283dfbb843ceb58c6ef": Failed to write 5193728 bytes '
+    "to file 13: No space left on device [os_error_code='28']"
+)
+
+
+@pytest.mark.parametrize("fault", ["OSError", "orbax"])
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(
-    tmp_path, inputs, capsys, monkeypatch
+    tmp_path, inputs, capsys, monkeypatch, fault
 ):
     run = tmp_path / "run"
     write, calls = checkpoint.write_params, []
 
+    def no_space(self, dest, **kwargs):
+        raise ValueError(ORBAX_ENOSPC.format(dest))
+
     def full(path, tree):  # the third tree is step 2's params
         calls.append(path)
-        if len(calls) == 3:
+        if len(calls) < 3:
+            return write(path, tree)
+        if fault == "OSError":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return write(path, tree)
+        with monkeypatch.context() as m:
+            m.setattr(ocp.Checkpointer, "save", no_space)
+            return write(path, tree)
 
     monkeypatch.setattr(checkpoint, "write_params", full)
     assert main(train_args(*inputs, run, *flags(5, "--save-every", "1"))) == 1
