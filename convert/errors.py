@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lomo_jax.errors import UserError
 
-class ConversionError(Exception):
+
+class ConversionError(UserError):
     def __init__(self, path: str | Path, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"{path}: {problem}")

@@ -11,7 +11,7 @@ from convert.layout import TreeBuilder
 from convert.sources import detect
 from lomo_jax import checkpoint, hub
 from lomo_jax.config import LlamaConfig
-from lomo_jax.pretrained import tokenizer_from
+from lomo_jax.tokenizer import tokenizer_from
 
 
 def load(

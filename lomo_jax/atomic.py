@@ -26,17 +26,18 @@ from pathlib import Path
 import jax
 
 from lomo_jax.distributed import barrier, is_primary
+from lomo_jax.errors import UserError
 
 _KINDS = ("new", "old", "tmp", "del")  # the first two hold complete copies
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(tmp|new|old|del)-[0-9a-z]+$")
 
 
-class OutputExistsError(FileExistsError):
-    pass
+class OutputExistsError(UserError, FileExistsError):
+    """An output that is already there (and may not be replaced)."""
 
 
-class OutputPathError(NotADirectoryError):
-    pass
+class OutputPathError(UserError, NotADirectoryError):
+    """An output that cannot be created where it was asked for (under a file)."""
 
 
 def _sibling(out: Path, kind: str, tag: str | None = None) -> Path:

@@ -15,11 +15,11 @@ import optax
 
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.engine import TrainState
 from lomo_jax.loss import IGNORE, Batch, checkpointed_loss, next_token_targets, num_targets
 from lomo_jax.optim import StepScalars, UpdateRule, apply_updates, clip_coefficient, global_norm_sq
 from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
+from lomo_jax.state import TrainState
 
 
 def optax_transform(

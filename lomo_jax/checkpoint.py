@@ -25,6 +25,7 @@ import xxhash
 from lomo_jax.atomic import atomic_directory, copy_file, write_file
 from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import barrier, is_primary
+from lomo_jax.errors import UserError
 from lomo_jax.parameters import leaf_name
 
 # (leaf name, global shape) -> where the leaf's shards go
@@ -98,8 +99,8 @@ def write_params(path: Path, params: Any) -> None:
         write_checksums(path)
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that is missing, damaged or does not fit the model."""
 
 
 def _digest(f: Path) -> str:

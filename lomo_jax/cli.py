@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lomo_jax import cuda_plugin, host_memory, interrupt
+from lomo_jax.errors import UserError
 
 log = logging.getLogger("lomo_jax")
 
@@ -324,37 +325,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from convert.errors import ConversionError
-    from lomo_jax.atomic import OutputExistsError
-    from lomo_jax.checkpoint import CheckpointError
-    from lomo_jax.data import DataError
-    from lomo_jax.generate import GenerateError
-    from lomo_jax.memory import PlanError
-    from lomo_jax.rundir import NotARunError, RunInUseError
-    from lomo_jax.sharding import MeshError
-    from lomo_jax.tasks import TaskError
-    from lomo_jax.tokenizer import TokenizerError
-    from lomo_jax.train import ConfigError, TrainingStopped
-
-    return (
-        ConversionError,
-        OutputExistsError,
-        CheckpointError,
-        TokenizerError,
-        DataError,
-        ConfigError,
-        NotARunError,
-        RunInUseError,
-        TaskError,
-        MeshError,
-        GenerateError,
-        TrainingStopped,
-        PlanError,
-        FloatingPointError,
-    )
-
-
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.filename}: {e.strerror}"
@@ -388,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             message, status = _interrupted(e)
             print(message, file=sys.stderr)
             return status
-        except (*_user_errors(), OSError) as e:
+        except (UserError, OSError) as e:
             print(f"lomo-jax: error: {_one_line(e)}", file=sys.stderr)
             return 1
     return 0

@@ -21,6 +21,8 @@ import numpy as np
 
 from lomo_jax.atomic import write_file
 from lomo_jax.loss import IGNORE, Batch
+from lomo_jax.records import DataError, data_files, load_records, read_text
+from lomo_jax.tasks import TaskError, examples_from_records
 from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")
@@ -35,10 +37,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclasses.dataclass
@@ -59,14 +57,6 @@ class Rows:
         return Batch(*dataclasses.astuple(self))
 
 
-def _text(f: Path) -> str:
-    try:
-        return f.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = f.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{f}:{line}: not UTF-8 text") from None
-
-
 def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = None) -> np.ndarray:
     """Rows of exactly `seq_len` token ids from JSON lines {"input_ids": [...]}."""
     p = Path(path)
@@ -76,7 +66,7 @@ def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = N
         raise DataError(f"{p}: file not found")
     top = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
     rows = []
-    for n, line in enumerate(_text(p).splitlines(), 1):
+    for n, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -95,73 +85,6 @@ def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = N
     if not rows:
         raise DataError(f"{p}: no rows")
     return np.stack(rows).astype(np.int32)
-
-
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(
-            f for f in path.iterdir() if f.suffix in (".json", ".jsonl", ".txt", ".csv", ".parquet")
-        )
-        if not files:
-            raise DataError(f"{path}: no .json/.jsonl/.txt/.csv/.parquet files")
-        return files
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return [path]
-
-
-def _json_records(f: Path) -> tuple[list, list[str]]:
-    """A .json file's array or object (else JSON lines), a .jsonl file's lines; each record with
-    its place (file:line, or its number in an array) for error messages."""
-    text = _text(f)
-    if f.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip()[:1] == "[":
-                raise DataError(f"{f}:{e.lineno}: cannot read as json: {e.msg}") from None
-        else:
-            records = whole if isinstance(whole, list) else [whole]
-            return records, [f"{f}: record {n}" for n in range(1, len(records) + 1)]
-    records, places = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{n}: cannot read as json: {e.msg}") from None
-            places.append(f"{f}:{n}")
-    return records, places
-
-
-def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
-    """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files, with
-    where each one is (file:line, or the record / row number) for error messages."""
-    records, places = [], []
-    for f in _files(Path(path)):
-        if f.suffix in (".json", ".jsonl"):
-            got, where = _json_records(f)
-        else:
-            import datasets
-
-            datasets.disable_progress_bars()
-            kind = {".txt": "text"}.get(f.suffix, f.suffix.lstrip("."))
-            try:
-                got = datasets.load_dataset(kind, data_files=str(f), split="train").to_list()
-            except Exception as e:  # datasets raises many types for malformed files
-                while e.__cause__ is not None:  # the parser's own error says what is wrong
-                    e = e.__cause__
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
-            where = [
-                f"{f}:{n}" if kind == "text" else f"{f}: row {n}" for n in range(1, len(got) + 1)
-            ]
-        for r, place in zip(got, where):
-            if not isinstance(r, dict):
-                raise DataError(f"{place}: expected an object of fields, got {type(r).__name__}")
-        records += got
-        places += where
-    return records, places
 
 
 def _require(
@@ -310,7 +233,7 @@ def _fill(template: str, records: list[dict], places: list[str], path) -> list[s
 def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task, template) -> str:
     h = hashlib.sha256(json.dumps([fmt, seq_len, task]).encode())
     extra = [Path(template)] if template and Path(template).is_file() else []
-    for f in _files(path) + (tok.files if tok else []) + extra:
+    for f in data_files(path) + (tok.files if tok else []) + extra:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
@@ -416,8 +339,6 @@ def _build_rows(
         answers = _fill(response, records, places, template)
         _need(tok, path, fmt)
         return _prompt_response(tok, prompts, answers, seq_len, path)
-    from lomo_jax.tasks import TaskError, examples_from_records
-
     if task is None:
         raise DataError("format superglue needs --task")
     try:

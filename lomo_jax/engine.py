@@ -32,7 +32,7 @@ tests/test_engine_memory.py fails if a copy of a stack comes back.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ from lomo_jax import blocks
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
-from lomo_jax.loss_scale import DynamicLossScale, ScaleState, no_scaling
+from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.model import LAYER_BLOCKS, decoder_layer, embed, layer_step
 from lomo_jax.optim import (
     StepScalars,
@@ -57,13 +57,7 @@ from lomo_jax.parameters import step_weights
 from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout
-
-
-class TrainState(NamedTuple):
-    params: Any
-    opt_state: Any
-    step: jax.Array  # int32: optimizer steps taken (skipped float16 overflows included)
-    scale: ScaleState
+from lomo_jax.state import TrainState, all_finite
 
 
 def init_train_state(
@@ -118,14 +112,6 @@ def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_he
 
     g = jnp.zeros(table.shape, table.dtype) if g_head is None else g_head
     return jax.lax.scan(fill, g, jnp.arange(nb))[0]
-
-
-def all_finite(tree) -> jax.Array:
-    """Whether every element of every leaf is finite (one scalar). The largest magnitude is
-    finite exactly when every element is (the max propagates NaN), and a reduction of `abs` fuses
-    on XLA:CPU where `all(isfinite(x))` materializes a bool array as large as the leaf (1.4 GB
-    for a LLaMA-7B MLP stack at every checkpoint)."""
-    return jnp.all(jnp.stack([jnp.isfinite(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree)]))
 
 
 def _first(x: jax.Array) -> jax.Array:

@@ -11,11 +11,12 @@ import numpy as np
 from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
+from lomo_jax.errors import UserError
 from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
 
 
-class GenerateError(ValueError):
-    pass
+class GenerateError(UserError, ValueError):
+    """Sampling settings or a prompt that cannot be generated from."""
 
 
 def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index):

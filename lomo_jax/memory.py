@@ -26,6 +26,7 @@ from lomo_jax.baseline import make_optax_step
 from lomo_jax.compiler import compiling_for, jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.errors import UserError
 from lomo_jax.loss import Batch, eval_nll
 from lomo_jax.loss_scale import DynamicLossScale
 from lomo_jax.model import param_shapes
@@ -37,8 +38,8 @@ METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
 SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
 
 
-class PlanError(ValueError):
-    pass
+class PlanError(UserError, ValueError):
+    """A plan that cannot be made here: an unknown target, too few devices, no CUDA plugin."""
 
 
 @dataclasses.dataclass(frozen=True)

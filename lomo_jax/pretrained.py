@@ -16,7 +16,7 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import GenerateError, generate
 from lomo_jax.model import forward, param_shapes
 from lomo_jax.sharding import Layout, abstract, put
-from lomo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from lomo_jax.tokenizer import Tokenizer, TokenizerError, tokenizer_from
 
 
 @functools.partial(jit, static_argnums=0)
@@ -67,16 +67,6 @@ class LlamaModel:
     def save_pretrained(self, out: str | Path, overwrite: bool = False) -> Path:
         files = self.tokenizer.files if self.tokenizer else ()
         return checkpoint.save_pretrained(out, self.config, self.params, files, overwrite)
-
-
-def tokenizer_from(files: list[Path]) -> Tokenizer | None:
-    """The tokenizer a checkpoint's tokenizer files make (None without files)."""
-    names = {f.name: f for f in files}
-    if "tokenizer.json" in names:
-        return load_tokenizer(names["tokenizer.json"].parent)
-    if files:
-        return load_tokenizer(names.get("tokenizer.model", files[0]))
-    return None
 
 
 def _model_info(path: Path, tokenizer: str | Path | None) -> tuple[LlamaConfig, list[Path]]:

@@ -50,9 +50,10 @@ from lomo_jax.atomic import (
 from lomo_jax.checkpoint import CheckpointError
 from lomo_jax.compiler import jit
 from lomo_jax.distributed import barrier, is_primary
-from lomo_jax.engine import TrainState, all_finite
+from lomo_jax.errors import UserError
 from lomo_jax.loss_scale import ScaleState
 from lomo_jax.sharding import Layout
+from lomo_jax.state import NonFiniteError, TrainState, all_finite
 
 log = logging.getLogger("lomo_jax")
 
@@ -65,12 +66,12 @@ STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step_\d{8}$")
 
 
-class NotARunError(ValueError):
-    pass
+class NotARunError(UserError, ValueError):
+    """`--resume` of a directory that holds no training run."""
 
 
-class RunInUseError(RuntimeError):
-    pass
+class RunInUseError(UserError, RuntimeError):
+    """A run directory another process is training in."""
 
 
 _all_finite = jit(all_finite)  # the project's jit: its CPU compile options, as every step's
@@ -237,7 +238,7 @@ class RunDir:
     def save_state(self, state: TrainState, keep: int) -> Path:
         step = int(state.step)
         if not (_finite(state.params) and _finite(state.opt_state)):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"the weights are not finite (inf/NaN) after step {step}; not saved, stopped, the "
                 f"last checkpoint is untouched ({self.kept()}); try a lower --lr"
             )

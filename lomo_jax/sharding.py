@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lomo_jax.errors import UserError
 from lomo_jax.parameters import BY_NAME, LAYERS, leaf_name
 
 MESH_AXES = ("data", "fsdp")
@@ -41,8 +42,8 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class MeshError(ValueError):
-    pass
+class MeshError(UserError, ValueError):
+    """A `--mesh` that does not parse or needs more devices than there are."""
 
 
 def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:

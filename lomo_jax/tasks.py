@@ -18,12 +18,14 @@ import numpy as np
 
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
+from lomo_jax.errors import UserError
 from lomo_jax.model import forward
+from lomo_jax.records import load_records
 from lomo_jax.tokenizer import Tokenizer
 
 
-class TaskError(ValueError):
-    pass
+class TaskError(UserError, ValueError):
+    """An unknown task, or a record that is not one of its examples."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,9 +143,7 @@ def examples_from_records(
 
 
 def read_examples(task: str, path: str | Path) -> list[Example]:
-    """Examples of a task's file (jsonl, or any format `data.load_records` reads)."""
-    from lomo_jax.data import load_records
-
+    """Examples of a task's file (jsonl, or any format `records.load_records` reads)."""
     _lookup(task)  # an unknown task is reported before the file is read
     records, places = load_records(path)
     return examples_from_records(task, records, path, places)

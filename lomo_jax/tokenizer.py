@@ -10,9 +10,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from lomo_jax.errors import UserError
 
-class TokenizerError(ValueError):
-    pass
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be read, or a tokenizer missing where one is needed."""
 
 
 # Meta's names of Llama 3's 256 special tokens, numbered after the BPE ranks (its tokenizer.py
@@ -179,3 +181,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if (p / "tokenizer.model").exists():
         return load_tokenizer(p / "tokenizer.model")
     raise TokenizerError(f"{p}: no tokenizer.model or tokenizer.json found")
+
+
+def tokenizer_from(files: list[Path]) -> Tokenizer | None:
+    """The tokenizer a checkpoint's tokenizer files make (None without files)."""
+    names = {f.name: f for f in files}
+    if "tokenizer.json" in names:
+        return load_tokenizer(names["tokenizer.json"].parent)
+    if files:
+        return load_tokenizer(names.get("tokenizer.model", files[0]))
+    return None

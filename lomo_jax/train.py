@@ -27,7 +27,8 @@ from lomo_jax import checkpoint, host_memory, interrupt
 from lomo_jax.baseline import make_optax_train_step, optax_transform
 from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
-from lomo_jax.engine import TrainState, init_train_state, make_fused_step
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.optim import AdaLomo, Lomo
@@ -37,6 +38,7 @@ from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
 from lomo_jax.schedule import SCHEDULES, Schedule
 from lomo_jax.sharding import Layout, MeshError, abstract, make_mesh
+from lomo_jax.state import NonFiniteError, TrainState
 
 log = logging.getLogger("lomo_jax")
 
@@ -44,8 +46,8 @@ OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A training configuration that cannot run (the message names the option or file)."""
 
 
 class OptionError(ConfigError):
@@ -56,7 +58,7 @@ class OptionError(ConfigError):
         super().__init__(f"--{name.replace('_', '-')}: {problem}")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """The run could not go on (a full disk, ...); the message says what is kept."""
 
 
@@ -381,7 +383,7 @@ def _loop(c: TrainConfig, run: RunDir, model, state, step_fn, rows, eval_rows, l
             new_state, m = step_fn(state, layout.put_batch(b.batch()))
             m = {k: float(v) for k, v in m.items()}  # waits for the step
             if not np.isfinite(m["loss"]) and c.dtype != "float16":
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"loss is {m['loss']} at step {step + 1}; stopped, the last checkpoint is "
                     f"untouched ({run.kept()})"
                 )

@@ -120,7 +120,7 @@ def test_the_finiteness_check_makes_no_leaf_sized_buffer():
     buffer near the stack's size (`all(isfinite(x))` held a bool per element: 1.4 GB at 7B)."""
     import jax
 
-    from lomo_jax.engine import all_finite
+    from lomo_jax.state import all_finite
 
     stack = jax.ShapeDtypeStruct((8, 512, 1024), jnp.bfloat16)
     compiled = jax.jit(all_finite).lower({"w": stack, "b": stack}).compile()

@@ -1,0 +1,110 @@
+"""Records from local data files: JSON, JSON lines, CSV, Parquet, or the lines of text files,
+each with the place it came from (file:line, or its record / row number) for error messages.
+
+What the records become is another module's: training rows (`lomo_jax.data`), a task's examples
+(`lomo_jax.tasks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from lomo_jax.errors import UserError
+
+SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
+
+
+class DataError(UserError, ValueError):
+    """Data files or records that cannot become training rows (the message names where)."""
+
+
+def read_text(f: Path) -> str:
+    """A file's UTF-8 text; otherwise an error naming the line of the first bad byte."""
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = f.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{f}:{line}: not UTF-8 text") from None
+
+
+def data_files(path: Path) -> list[Path]:
+    """`path` itself, or the data files of a directory, in name order."""
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no {'/'.join(SUFFIXES)} files")
+        return files
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return [path]
+
+
+def _json_records(f: Path) -> tuple[list, list[str]]:
+    """A .json file's array or object (else JSON lines), a .jsonl file's lines; each record with
+    its place (file:line, or its number in an array) for error messages."""
+    text = read_text(f)
+    if f.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip()[:1] == "[":
+                raise DataError(f"{f}:{e.lineno}: cannot read as json: {e.msg}") from None
+        else:
+            records = whole if isinstance(whole, list) else [whole]
+            return records, [f"{f}: record {n}" for n in range(1, len(records) + 1)]
+    records, places = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{n}: cannot read as json: {e.msg}") from None
+            places.append(f"{f}:{n}")
+    return records, places
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """`datasets` without its progress bars for the block, as the caller had it afterwards."""
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _table_records(f: Path) -> tuple[list, list[str]]:
+    """A CSV, Parquet or text file's rows through `datasets` ({"text": line} for text)."""
+    import datasets
+
+    kind = {".txt": "text"}.get(f.suffix, f.suffix.lstrip("."))
+    try:
+        with _quiet_datasets():
+            got = datasets.load_dataset(kind, data_files=str(f), split="train").to_list()
+    except Exception as e:  # datasets raises many types for malformed files
+        while e.__cause__ is not None:  # the parser's own error says what is wrong
+            e = e.__cause__
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
+    return got, [f"{f}:{n}" if kind == "text" else f"{f}: row {n}" for n in range(1, len(got) + 1)]
+
+
+def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files, with
+    where each one is (file:line, or the record / row number) for error messages."""
+    records, places = [], []
+    for f in data_files(Path(path)):
+        got, where = _json_records(f) if f.suffix in (".json", ".jsonl") else _table_records(f)
+        for r, place in zip(got, where):
+            if not isinstance(r, dict):
+                raise DataError(f"{place}: expected an object of fields, got {type(r).__name__}")
+        records += got
+        places += where
+    return records, places
