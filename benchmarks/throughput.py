@@ -54,38 +54,25 @@ def time_in_turns(steps: dict, n: int) -> dict[str, float]:
 
 
 def jax_step(method: str, ids: np.ndarray, dtype: str, attention: str = "auto"):
+    """One step of `method` as `lomo-jax train` builds it (`lomo_jax.train_step`)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from lomo_jax.baseline import make_optax_step
-    from lomo_jax.engine import init_train_state, make_fused_step
     from lomo_jax.loss import Batch
     from lomo_jax.model import init_params
-    from lomo_jax.optim import AdaLomo, Lomo
-    from lomo_jax.schedule import Schedule
+    from lomo_jax.train_step import StepOptions, make_train_step
 
     cfg = CONFIG.replace(attention=attention)
     params = init_params(cfg, jax.random.key(0), jnp.dtype(dtype))
     batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
-    box = {}
-    if method.startswith("fused-"):
-        rule = Lomo() if method.startswith("fused-lomo") else AdaLomo()
-        rounding = "nearest" if method.endswith("-nearest") else "stochastic"
-        fn = make_fused_step(cfg, rule, Schedule(1e-3), rounding=rounding)
-        box["s"] = init_train_state(rule, params)
+    optimizer = method.removeprefix("fused-").removesuffix("-nearest")
+    rounding = "nearest" if method.endswith("-nearest") else "stochastic"
+    init, fn = make_train_step(StepOptions(optimizer, rounding=rounding), cfg)
+    box = {"state": init(params)}
 
-        def step():
-            box["s"], m = fn(box["s"], batch)
-            jax.block_until_ready(m["loss"])
-    else:
-        tx = optax.sgd(1e-3) if method == "sgd" else optax.adamw(1e-3)
-        fn = make_optax_step(cfg, tx)
-        box["p"], box["o"] = params, tx.init(params)
-
-        def step():
-            box["p"], box["o"], loss = fn(box["p"], box["o"], batch)
-            jax.block_until_ready(loss)
+    def step():
+        box["state"], m = fn(box["state"], batch)
+        jax.block_until_ready(m["loss"])
 
     return step
 

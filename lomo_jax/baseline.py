@@ -1,8 +1,8 @@
 """The unfused baselines: a full gradient tree from `jax.grad`, then an optimizer.
 
-`make_optax_step` is what `--optimizer sgd|adamw` trains with and what the benchmarks compare
-against; `unfused_step` drives the LOMO / AdaLomo rules from a full gradient tree, the reference
-the fused step must equal.
+`make_optax_train_step` is what `--optimizer sgd|adamw` trains with (through
+`lomo_jax.train_step`) and what the benchmarks compare against; `unfused_step` drives the LOMO /
+AdaLomo rules from a full gradient tree, the reference the fused step must equal.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from lomo_jax.loss import IGNORE, Batch, checkpointed_loss, next_token_targets, 
 from lomo_jax.optim import StepScalars, UpdateRule, apply_updates, clip_coefficient, global_norm_sq
 from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout
 from lomo_jax.state import TrainState
 
 
@@ -66,35 +67,27 @@ def accumulated_value_and_grad(cfg: LlamaConfig, params, batch: Batch, micro_bat
     return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def _optax_update(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int):
-    def update(params, opt_state, batch):
-        loss, grads = accumulated_value_and_grad(cfg, params, batch, micro_batches)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return update
-
-
-def make_optax_step(cfg: LlamaConfig, tx: optax.GradientTransformation, micro_batches: int = 1):
-    """`jax.grad` + optax: `(params, opt_state, batch) -> (params, opt_state, loss)`; with
-    `micro_batches` > 1 the gradient is accumulated over slices of the batch (the Hugging Face
-    Trainer's gradient_accumulation_steps, the whole batch given at once)."""
-    return jit(_optax_update(cfg, tx, micro_batches), donate_argnums=(0, 1))
-
-
 def make_optax_train_step(
-    cfg: LlamaConfig, tx: optax.GradientTransformation, schedule: Schedule, micro_batches: int = 1
+    cfg: LlamaConfig,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    micro_batches: int = 1,
+    layout: Layout | None = None,
 ):
-    """The optax step behind the fused step's interface, jitted whole, `(TrainState, batch) ->
-    (state, metrics)`, so the training loop and its checkpoints treat every optimizer alike."""
-    update = _optax_update(cfg, tx, micro_batches)
+    """`jax.grad` + optax behind the fused step's interface, jitted whole, `(TrainState, batch)
+    -> (state, metrics)`, the state donated, so the training loop and its checkpoints treat every
+    optimizer alike. With `micro_batches` > 1 the gradient is accumulated over slices of the
+    batch (the Hugging Face Trainer's gradient_accumulation_steps, the whole batch given at
+    once). `layout`: the mesh the state lives on (its devices' compiler options)."""
 
     def step(state: TrainState, batch: Batch):
-        params, opt_state, loss = update(state.params, state.opt_state, batch)
+        loss, grads = accumulated_value_and_grad(cfg, state.params, batch, micro_batches)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "lr": schedule(state.step)}
         return TrainState(params, opt_state, state.step + 1, state.scale), metrics
 
-    return jit(step, donate_argnums=0)
+    return jit(step, devices=layout and layout.mesh.devices.flat, donate_argnums=0)
 
 
 def unfused_step(

@@ -135,7 +135,7 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     import json
 
     from lomo_jax.memory import GPUS, plan
-    from lomo_jax.train import DTYPES
+    from lomo_jax.train_step import DTYPES
 
     cfg = _model_config(a.model).replace(attention=a.attention)
     if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     from lomo_jax.memory import TARGETS
     from lomo_jax.rounding import ROUNDINGS
     from lomo_jax.schedule import SCHEDULES
-    from lomo_jax.train import DTYPES, OPTIMIZERS
+    from lomo_jax.train_step import DTYPES, OPTIMIZERS
 
     p = argparse.ArgumentParser(prog="lomo-jax", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

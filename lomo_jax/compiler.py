@@ -49,26 +49,33 @@ def compiler_options(platform: str) -> dict[str, str]:
 
 class _PlatformJit:
     """A `jax.jit` built at its first use, so the platform is known by then (at import time
-    asking for it would start the backend before `jax.distributed` can)."""
+    asking for it would start the backend before `jax.distributed` can). With `devices` (a
+    mesh's), it is traced as compiling for them, whatever this process's default backend."""
 
-    def __init__(self, fun: Callable, platform: str | None, jit_kwargs: dict[str, Any]):
-        self._fun, self._platform, self._jit_kwargs = fun, platform, jit_kwargs
+    def __init__(self, fun: Callable, devices: list | None, jit_kwargs: dict[str, Any]):
+        self._fun, self._devices, self._jit_kwargs = fun, devices, jit_kwargs
         functools.update_wrapper(self, fun)
 
     @functools.cached_property
     def jitted(self):
-        options = compiler_options(self._platform or target()[0])
-        return jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
+        platform = self._devices[0].platform if self._devices else target()[0]
+        return jax.jit(self._fun, compiler_options=compiler_options(platform), **self._jit_kwargs)
+
+    def _tracing(self) -> contextlib.AbstractContextManager:
+        if not self._devices:
+            return contextlib.nullcontext()
+        return compiling_for(self._devices[0].platform, len(self._devices))
 
     def __call__(self, *args, **kwargs):
-        return self.jitted(*args, **kwargs)
+        with self._tracing():
+            return self.jitted(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self.jitted.lower(*args, **kwargs)
+        with self._tracing():
+            return self.jitted.lower(*args, **kwargs)
 
 
 def jit(fun: Callable, *, devices: Any = None, **jit_kwargs) -> _PlatformJit:
     """`jax.jit(fun, **jit_kwargs)` with `compiler_options` for the platform of `devices` (a
-    mesh's devices) or else of `target()` at the first call."""
-    platform = None if devices is None else next(iter(devices)).platform
-    return _PlatformJit(fun, platform, jit_kwargs)
+    mesh's devices, which it is then traced for) or else of `target()` at the first call."""
+    return _PlatformJit(fun, None if devices is None else list(devices), jit_kwargs)

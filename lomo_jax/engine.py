@@ -44,7 +44,7 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
-from lomo_jax.model import LAYER_BLOCKS, decoder_layer, embed, layer_step
+from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_step
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
@@ -298,12 +298,8 @@ def fused_step(
     params = state.params
     positions, mask = batch_inputs(batch)
 
-    def save_inputs(h, p):
-        return decoder_layer(cfg, p, h, positions, mask), h
-
-    h_L, hs = jax.lax.scan(
-        save_inputs, embed(cfg, params["embed"], batch.input_ids), params["layers"]
-    )
+    h_0 = embed(cfg, params["embed"], batch.input_ids)
+    h_L, hs = decoder_layers(cfg, params["layers"], h_0, positions, mask, keep_inputs=True)
     # Gradients of loss * scale (scale = 1 unless float16).
     loss, g_head, dh_L = head_loss_and_grads(
         cfg, _head_params(cfg, params), h_L, batch.labels, state.scale.scale
@@ -316,16 +312,19 @@ def fused_step(
         key=step_key(rounding, seed, state.step),
     )
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
+    # The reverse pass shards its gradients over a mesh of several devices; on one device it
+    # orders the stages' updates and pins their layout (what no mesh would do there either).
+    sharded = layout if layout is not None and layout.mesh.size > 1 else None
     finite = jnp.bool_(True)
     if rule.clip_grad_norm is not None or loss_scale is not None:
         sumsq, finite = _fused_backward(
-            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, True, layout
+            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, True, sharded
         )
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
     new_params, new_state = _fused_backward(
-        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, False, layout
+        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, False, sharded
     )
     scale = state.scale
     if loss_scale is not None:

@@ -12,7 +12,7 @@ from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.errors import UserError
-from lomo_jax.model import DecoderLayer, KVCache, Params, embed, head
+from lomo_jax.model import KVCache, Params, decoder_layers, embed, head
 
 
 class GenerateError(UserError, ValueError):
@@ -23,18 +23,16 @@ def _run_layers(cfg: LlamaConfig, params: Params, ids_BT, cache: KVCache, index)
     """Runs the layers over new tokens at positions index.., reading and filling the cache."""
     B, T = ids_BT.shape
     positions_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-
-    def step(h, layer):
-        p_layer, k, v = layer
-        h, new = DecoderLayer(cfg).apply(
-            {"params": p_layer}, h, positions_BT, Mask(offset=index), KVCache(k, v), index
-        )
-        return h, new
-
-    h, new_cache = jax.lax.scan(
-        step, embed(cfg, params["embed"], ids_BT), (params["layers"], cache.k_BSHK, cache.v_BSHK)
+    h, new_cache = decoder_layers(
+        cfg,
+        params["layers"],
+        embed(cfg, params["embed"], ids_BT),
+        positions_BT,
+        Mask(offset=index),
+        cache,
+        index,
     )
-    return head(cfg, params, h[:, -1:])[:, 0], KVCache(*new_cache)
+    return head(cfg, params, h[:, -1:])[:, 0], new_cache
 
 
 def _sample(logits_BV, key, temperature: float, top_p: float):

@@ -15,7 +15,7 @@ from lomo_jax import blocks
 from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
 from lomo_jax.model import (
-    decoder_layer,
+    decoder_layers,
     default_positions,
     embed,
     final_norm,
@@ -188,10 +188,6 @@ def checkpointed_loss(cfg: LlamaConfig, params, batch: Batch) -> jax.Array:
     """The same loss with the fused step's checkpointing policy: only layer inputs are saved
     for `jax.grad`."""
     positions, mask = batch_inputs(batch)
-    layer = jax.checkpoint(lambda p, h: decoder_layer(cfg, p, h, positions, mask))
-    h, _ = jax.lax.scan(
-        lambda h, p: (layer(p, h), None),
-        embed(cfg, params["embed"], batch.input_ids),
-        params["layers"],
-    )
+    h = embed(cfg, params["embed"], batch.input_ids)
+    h, _ = decoder_layers(cfg, params["layers"], h, positions, mask, remat=True)
     return cross_entropy(head(cfg, params, h), batch.labels)

@@ -20,19 +20,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from lomo_jax.baseline import make_optax_step
-from lomo_jax.compiler import compiling_for, jit
+from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.engine import init_train_state, make_fused_step
 from lomo_jax.errors import UserError
-from lomo_jax.loss import Batch, eval_nll
-from lomo_jax.loss_scale import DynamicLossScale
+from lomo_jax.loss import eval_nll
 from lomo_jax.model import param_shapes
-from lomo_jax.optim import AdaLomo, Lomo
-from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout, abstract, make_mesh
+from lomo_jax.train_step import StepOptions, abstract_batch, abstract_state, make_train_step
 
 METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
 SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
@@ -111,18 +106,19 @@ TARGETS = ("cpu", *GPUS)
 GPU_USABLE = 0.95
 
 
-def target_layout(target: str, devices: int = 1, mesh: str | None = None) -> Layout | None:
-    """A layout over `devices` of `target` (None: this process's one default device).
+def target_layout(target: str, devices: int = 1, mesh: str | None = None) -> Layout:
+    """A layout over `devices` of `target` (the mesh `fsdp=devices` unless `mesh` says).
 
-    CPU devices beyond the first exist only when XLA_FLAGS asked for them before JAX started
-    (--xla_force_host_platform_device_count); GPU devices are a deviceless topology."""
+    CPU devices beyond the first exist only when JAX was asked for them before it started
+    (`jax_num_cpu_devices`, or XLA_FLAGS=--xla_force_host_platform_device_count); GPU devices are
+    a deviceless topology."""
     if target == "cpu":
         if devices > len(jax.devices("cpu")):
             raise PlanError(
                 f"{devices} CPU devices requested, {len(jax.devices('cpu'))} exist: set "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before JAX starts"
             )
-        return Layout(make_mesh(mesh, jax.devices("cpu")[:devices])) if devices > 1 else None
+        return Layout(make_mesh(mesh, jax.devices("cpu")[:devices]))
     if target not in GPUS:
         raise PlanError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     from jax.experimental import topologies
@@ -160,6 +156,16 @@ def _bytes(tree: Any) -> int:
     return sum(one(x) for x in jax.tree.leaves(tree))
 
 
+def step_options(method: str, dtype=jnp.float32, rounding: str = "stochastic") -> StepOptions:
+    """The options `lomo-jax train` gives the step of `method` (a METHODS name but inference) by
+    default, in `dtype` (float16 scales the loss)."""
+    return StepOptions(
+        optimizer=method.removeprefix("fused-"),
+        loss_scaling=jnp.dtype(dtype) == jnp.float16,
+        rounding=rounding,
+    )
+
+
 def lower(
     cfg: LlamaConfig,
     method: str,
@@ -169,56 +175,23 @@ def lower(
     layout: Layout | None = None,
     rounding: str = "stochastic",
 ):
-    """The jitted step for `method`, lowered on abstract inputs (nothing is allocated); with a
-    `layout`, on its devices and, over several, sharded (SHARDED_METHODS only); fused steps
-    round 16-bit weights as `rounding` says."""
-    platform = "cpu" if layout is None else layout.mesh.devices.flat[0].platform
-    with compiling_for(platform, 1 if layout is None else layout.mesh.size):
-        return _lower(cfg, method, batch_size, seq_len, dtype, layout, rounding)
-
-
-def _lower(cfg, method, batch_size, seq_len, dtype, layout, rounding):
+    """The step of `method` as `lomo-jax train` runs it (`train_step.make_train_step`, a batch
+    of training rows), lowered on abstract inputs: nothing is allocated. On `layout`'s devices
+    (None: this process's first CPU device), sharded over several (SHARDED_METHODS only); fused
+    steps round 16-bit weights as `rounding` says. -> (lowered, abstract weights)"""
+    layout = layout or target_layout("cpu")
     params = param_shapes(cfg, dtype)
-    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    sharded = layout if layout is not None and layout.mesh.size > 1 else None
-    if sharded is not None:
-        if method not in SHARDED_METHODS:
-            raise ValueError(f"{method}: sharded plans exist for {SHARDED_METHODS}")
-        params = abstract(params, layout.params(params))
-        ids = abstract(ids, layout.batch(ids.shape))
-    batch = Batch(ids, ids)
+    params = abstract(params, layout.params(params))
+    batch = abstract_batch(layout, batch_size, seq_len)
+    devices = layout.mesh.devices.flat
     if method == "inference":
-        step = jit(functools.partial(eval_nll, cfg))
-        return step.lower(*_on(layout, params, batch)), params
-    if method.startswith("fused-"):
-        rule = Lomo() if method == "fused-lomo" else AdaLomo()
-        float16 = jnp.dtype(dtype) == jnp.float16
-        state = jax.eval_shape(lambda p: init_train_state(rule, p, float16), params)
-        state = state._replace(params=params)  # eval_shape drops the shardings
-        if sharded is not None:
-            state = state._replace(
-                opt_state=abstract(state.opt_state, layout.opt_state(rule, params))
-            )
-        scaler = DynamicLossScale() if float16 else None
-        step = make_fused_step(cfg, rule, Schedule(1e-3), scaler, sharded, rounding)
-        return step.lower(*_on(layout, state, batch)), params
-    tx = {"sgd": optax.sgd(1e-3), "adamw": optax.adamw(1e-3)}[method]
-    opt_state = jax.eval_shape(tx.init, params)
-    return make_optax_step(cfg, tx).lower(*_on(layout, params, opt_state, batch)), params
-
-
-def _on(layout: Layout | None, *trees: Any) -> tuple:
-    """`trees` with every abstract leaf not yet placed put whole on the layout's devices (the
-    target's: a GPU topology compiles for that GPU)."""
-    if layout is None:
-        return trees
-
-    def place(x):
-        if getattr(x, "sharding", None) is not None:
-            return x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.replicated())
-
-    return jax.tree.map(place, trees)
+        return jit(functools.partial(eval_nll, cfg), devices=devices).lower(params, batch), params
+    if method not in METHODS:
+        raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if layout.mesh.size > 1 and method not in SHARDED_METHODS:
+        raise PlanError(f"{method}: sharded plans exist for {', '.join(SHARDED_METHODS)}")
+    step = make_train_step(step_options(method, dtype, rounding), cfg, layout)
+    return step.step.lower(abstract_state(step.init, params), batch), params
 
 
 def analyze(

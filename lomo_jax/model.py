@@ -285,6 +285,40 @@ def default_positions(ids_BT: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(ids_BT.shape[1], dtype=jnp.int32), ids_BT.shape)
 
 
+def decoder_layers(
+    cfg: LlamaConfig,
+    p_layers: Params,
+    h_BTD: jax.Array,
+    positions_BT: jax.Array,
+    mask: Mask,
+    cache: KVCache | None = None,
+    index: jax.Array | None = None,
+    *,
+    remat: bool = False,
+    keep_inputs: bool = False,
+) -> tuple[jax.Array, Any]:
+    """The stacked layers `p_layers` ([L, ...] leaves) over h_BTD, one `lax.scan` -> (the last
+    layer's output, what each layer gives besides).
+
+    With a `cache` (a KVCache of [L, ...] stacks, the new tokens at `index`) each layer reads and
+    fills its slice and the second result is the new cache. `keep_inputs`: the second result is
+    every layer's input [L, B, T, D] (the fused engine's saved activations). `remat`: a layer's
+    activations are recomputed for `jax.grad` instead of kept (only the layer inputs are)."""
+
+    def layer(p, h, kv):
+        return DecoderLayer(cfg).apply({"params": p}, h, positions_BT, mask, kv, index)
+
+    if remat:
+        layer = jax.checkpoint(layer)
+
+    def body(h, layer_slices):
+        p, kv = layer_slices
+        out, kv = layer(p, h, kv)
+        return out, (h if keep_inputs else kv)
+
+    return jax.lax.scan(body, h_BTD, (p_layers, cache))
+
+
 def hidden_states(
     cfg: LlamaConfig,
     params: Params,
@@ -294,13 +328,8 @@ def hidden_states(
 ) -> jax.Array:
     """The last layer's output [B, T, D], before the final norm and the head."""
     positions_BT = default_positions(ids_BT) if positions_BT is None else positions_BT
-    mask = Mask(segment_ids_BT)
-
-    def step(h, p_layer):
-        return decoder_layer(cfg, p_layer, h, positions_BT, mask), None
-
-    h_BTD, _ = jax.lax.scan(step, embed(cfg, params["embed"], ids_BT), params["layers"])
-    return h_BTD
+    h_BTD = embed(cfg, params["embed"], ids_BT)
+    return decoder_layers(cfg, params["layers"], h_BTD, positions_BT, Mask(segment_ids_BT))[0]
 
 
 def forward(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -19,31 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from lomo_jax import checkpoint, host_memory, interrupt
-from lomo_jax.baseline import make_optax_train_step, optax_transform
 from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
-from lomo_jax.engine import init_train_state, make_fused_step
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
-from lomo_jax.loss_scale import DynamicLossScale, no_scaling
-from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.pretrained import from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
-from lomo_jax.schedule import SCHEDULES, Schedule
-from lomo_jax.sharding import Layout, MeshError, abstract, make_mesh
+from lomo_jax.schedule import SCHEDULES
+from lomo_jax.sharding import Layout, MeshError, make_mesh
 from lomo_jax.state import NonFiniteError, TrainState
+from lomo_jax.train_step import DTYPES, OPTIMIZERS, StepOptions, abstract_state, make_train_step
 
 log = logging.getLogger("lomo_jax")
-
-OPTIMIZERS = ("lomo", "adalomo", "sgd", "adamw")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class ConfigError(UserError, ValueError):
@@ -168,6 +160,23 @@ class TrainConfig:
                 "--batch-size instead"
             )
 
+    def step_options(self) -> StepOptions:
+        """The step's options (`lomo_jax.train_step`)."""
+        return StepOptions(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.steps,
+            weight_decay=self.weight_decay,
+            clip_grad_norm=self.clip_grad_norm,
+            clip_grad_value=self.clip_grad_value,
+            loss_scaling=self.dtype == "float16",
+            rounding=self.rounding,
+            seed=self.seed,
+            micro_batches=self.gradient_accumulation_steps,
+        )
+
     @property
     def rows_per_step(self) -> int:
         return self.batch_size * self.gradient_accumulation_steps
@@ -215,38 +224,6 @@ def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: 
 
 def _rows_of_step(c: TrainConfig, rows: Rows, step: int) -> Rows:
     return rows.take(batch_indices(len(rows), c.rows_per_step, step, c.shuffle, c.seed))
-
-
-def _optimizer(c: TrainConfig, cfg, layout: Layout) -> tuple[Callable, Callable]:
-    """(init: weights -> step-0 TrainState, step: (state, batch) -> (state, metrics)) for any
-    optimizer."""
-    schedule = Schedule(c.lr, c.schedule, c.warmup_steps, c.steps)
-    if c.optimizer in ("lomo", "adalomo"):
-        cls = Lomo if c.optimizer == "lomo" else AdaLomo
-        rule = cls(
-            weight_decay=c.weight_decay,
-            clip_grad_norm=c.clip_grad_norm,
-            clip_grad_value=c.clip_grad_value,
-        )
-        scaler = DynamicLossScale() if c.dtype == "float16" else None
-        init = functools.partial(
-            init_train_state, rule, float16=scaler is not None, loss_scale=scaler, layout=layout
-        )
-        return init, make_fused_step(cfg, rule, schedule, scaler, layout, c.rounding, c.seed)
-    tx = optax_transform(c.optimizer, schedule, c.weight_decay, c.clip_grad_norm, c.clip_grad_value)
-
-    def init(params):
-        return TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
-
-    return init, make_optax_train_step(cfg, tx, schedule, c.gradient_accumulation_steps)
-
-
-def _abstract_state(init: Callable, params: Any) -> TrainState:
-    """What `init(params)` would build (shapes, dtypes, shardings), built from abstract weights:
-    the step is compiled for it before any weight is read, and a resumed run reads its
-    checkpoint into it, never the model's weights as well."""
-    shardings = jax.jit(init).lower(params).compile().output_shardings
-    return abstract(jax.eval_shape(init, params), shardings)
 
 
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
@@ -308,8 +285,8 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
             )
         restart = resume and bool(run.checkpoints())  # the weights come from the checkpoint
         model, rows, eval_rows = _load_inputs(c, layout)
-        init, step_fn = _optimizer(c, model.config, layout)
-        like = _abstract_state(init, model.params)
+        init, step_fn = make_train_step(c.step_options(), model.config, layout)
+        like = abstract_state(init, model.params)
         step_fn = _compile(step_fn, like, layout.put_batch(_rows_of_step(c, rows, 0).batch()))
         params = None if restart else read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout)
         if signum := _stop_requested():

@@ -8,13 +8,14 @@ import pytest
 import yaml
 
 import lomo_jax
-from lomo_jax.baseline import accumulated_value_and_grad, make_optax_step, optax_transform
+from lomo_jax.baseline import accumulated_value_and_grad
 from lomo_jax.cli import main
 from lomo_jax.engine import init_train_state, make_fused_step
 from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.optim import AdaLomo
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout, make_mesh
+from lomo_jax.train_step import StepOptions, make_train_step
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 
 CFG = CONFIGS["gqa"]
@@ -101,15 +102,13 @@ def test_train_cli_accumulates_gradients(tmp_path):
     assert main(train_args(src, data, tmp_path / "r", *flags)) == 0
 
     # The un-accumulated step on the 4 rows of each step.
-    tx = optax_transform("sgd", Schedule(0.1, total_steps=2))
-    step = make_optax_step(CFG, tx)
-    params = lomo_jax.from_pretrained(src).params
-    state = tx.init(params)
+    init, step = make_train_step(StepOptions("sgd", lr=0.1, total_steps=2), CFG)
+    state = init(lomo_jax.from_pretrained(src).params)
     for k in range(2):
         ids = rows[4 * k : 4 * k + 4]
-        params, state, _ = step(params, state, Batch(ids, ids))
+        state, _ = step(state, Batch(ids, ids))
     trained = lomo_jax.from_pretrained(tmp_path / "r").params
-    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 

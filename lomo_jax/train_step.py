@@ -1,0 +1,134 @@
+"""The one way to build a training step, for every optimizer: `make_train_step(options, cfg,
+layout)` -> (init, step).
+
+LOMO and AdaLomo are the fused step (`lomo_jax.engine`: each gradient consumed by the update in
+the reverse layer scan); SGD and AdamW are `jax.grad` + optax (`lomo_jax.baseline`), behind the
+same interface. `lomo-jax train` runs the step; `lomo-jax plan` and `lomo_jax.memory` compile it
+on abstract inputs (`abstract_state`, `abstract_batch`), the same function with the same
+shapes and shardings, so a plan measures the step that trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lomo_jax.baseline import make_optax_train_step, optax_transform
+from lomo_jax.config import LlamaConfig
+from lomo_jax.engine import init_train_state, make_fused_step
+from lomo_jax.loss import Batch
+from lomo_jax.loss_scale import DynamicLossScale, no_scaling
+from lomo_jax.optim import AdaLomo, Lomo, UpdateRule
+from lomo_jax.rounding import ROUNDINGS
+from lomo_jax.schedule import Schedule
+from lomo_jax.sharding import Layout, abstract
+from lomo_jax.state import TrainState
+
+FUSED: dict[str, type] = {"lomo": Lomo, "adalomo": AdaLomo}  # the fused update rules
+OPTIMIZERS = (*FUSED, "sgd", "adamw")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a training step computes besides the model: the optimizer and its settings.
+
+    optimizer: `lomo`, `adalomo` (fused), `sgd` or `adamw` (`jax.grad` + optax).
+    lr, schedule, warmup_steps, total_steps: the learning rate as `lomo_jax.schedule.Schedule`
+        gives it for the step count.
+    weight_decay, clip_grad_norm, clip_grad_value: as lomo-optim's (None: no clipping).
+    loss_scaling: float16's dynamic loss scaling (an overflow skips the step).
+    rounding, seed: how a fused update rounds 16-bit weights (`lomo_jax.rounding`).
+    micro_batches: `sgd` / `adamw` only: the gradient summed over this many slices of the batch.
+    """
+
+    optimizer: str = "adalomo"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    loss_scaling: bool = False
+    rounding: str = "stochastic"
+    seed: int = 0
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; choose from {ROUNDINGS}")
+        if self.micro_batches != 1 and self.optimizer in FUSED:
+            raise ValueError(f"{self.optimizer} keeps no gradient to accumulate over micro-batches")
+
+    @property
+    def fused(self) -> bool:
+        return self.optimizer in FUSED
+
+    def learning_rate(self) -> Schedule:
+        return Schedule(self.lr, self.schedule, self.warmup_steps, self.total_steps)
+
+    def rule(self) -> UpdateRule:
+        """The fused optimizer's per-tensor update rule."""
+        return FUSED[self.optimizer](
+            weight_decay=self.weight_decay,
+            clip_grad_norm=self.clip_grad_norm,
+            clip_grad_value=self.clip_grad_value,
+        )
+
+
+class TrainStep(NamedTuple):
+    init: Callable[[Any], TrainState]  # weights -> the step-0 state around them
+    step: Callable  # jitted (state, batch) -> (state, metrics), the state donated
+
+
+def make_train_step(
+    options: StepOptions, cfg: LlamaConfig, layout: Layout | None = None
+) -> TrainStep:
+    """The step of `options.optimizer` for a model of config `cfg`, with everything on
+    `layout`'s mesh (None: this process's default device). Its metrics: `loss`, `lr`, and for
+    the fused step `loss_scale`, `grad_norm` (with norm clipping or loss scaling) and `overflow`
+    (with loss scaling)."""
+    schedule = options.learning_rate()
+    if options.fused:
+        rule = options.rule()
+        scaler = DynamicLossScale() if options.loss_scaling else None
+        init = functools.partial(
+            init_train_state, rule, float16=scaler is not None, loss_scale=scaler, layout=layout
+        )
+        step = make_fused_step(cfg, rule, schedule, scaler, layout, options.rounding, options.seed)
+        return TrainStep(init, step)
+    tx = optax_transform(
+        options.optimizer,
+        schedule,
+        options.weight_decay,
+        options.clip_grad_norm,
+        options.clip_grad_value,
+    )
+
+    def init(params):
+        return TrainState(params, jax.jit(tx.init)(params), jnp.int32(0), no_scaling())
+
+    return TrainStep(init, make_optax_train_step(cfg, tx, schedule, options.micro_batches, layout))
+
+
+def abstract_state(init: Callable[[Any], TrainState], params: Any) -> TrainState:
+    """What `init(params)` would build (shapes, dtypes, shardings), from abstract weights: what
+    a step compiles for before any weight is read, and what a checkpoint is restored into."""
+    shardings = jax.jit(init).lower(params).compile().output_shardings
+    return abstract(jax.eval_shape(init, params), shardings)
+
+
+def abstract_batch(layout: Layout, batch_size: int, seq_len: int) -> Batch:
+    """A batch of training rows as `lomo_jax.data` gives them (ids, labels, segment ids and
+    positions, int32 [batch_size, seq_len]), split over `layout`'s mesh as a step receives it."""
+    shape = (batch_size, seq_len)
+    one = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=layout.batch(shape))
+    return Batch(one, one, one, one)
