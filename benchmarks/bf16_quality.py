@@ -16,6 +16,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import lomo_jax
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LR = {"adalomo": 5e-4, "lomo": 1e-2}
 VARIANTS = (("float32", "nearest"), ("bfloat16", "nearest"), ("bfloat16", "stochastic"))
@@ -56,6 +58,7 @@ def main() -> None:
     p.add_argument("--optimizers", default="adalomo,lomo")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    lomo_jax.configure()  # as the CLI, before JAX starts
     logging.basicConfig(level=logging.WARNING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

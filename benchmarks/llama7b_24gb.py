@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 from rss import child_peak_rss, dir_bytes
 
+import lomo_jax
 from convert.export import write_hf
 from convert.synthetic import random_hf_tensors
 from lomo_jax.config import preset
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--work-dir", default=tempfile.gettempdir(), help="where the ~60 GB go")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    lomo_jax.configure()  # its plans below as the CLI's: before JAX starts
     alpaca = DATA / "alpaca" / "alpaca_data_1k.json"
     tokenizer = DATA / "llama2c" / "tok512.model"
     if not (alpaca.is_file() and tokenizer.is_file()):

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
+import lomo_jax
 from lomo_jax import cuda_plugin
 
 
@@ -43,12 +43,13 @@ def main() -> None:
     p.add_argument("--methods", help="comma-separated (default: every method that applies)")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
-    if a.target == "cpu" and a.devices > 1:  # JAX reads the device count once, when it starts
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={a.devices}"
-
+    lomo_jax.configure()  # as the CLI: XLA:CPU's memory-aware scheduler, before JAX starts
     cuda_plugin.import_jax()  # a CUDA plugin without a GPU: registered for compiling, quietly
+    import jax
     import jax.numpy as jnp
+
+    if a.target == "cpu" and a.devices > 1:  # JAX reads the device count once, when it starts
+        jax.config.update("jax_num_cpu_devices", a.devices)
 
     from lomo_jax.config import PRESETS, preset
     from lomo_jax.memory import METHODS, SHARDED_METHODS, TARGETS, analyze, target_layout

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+import lomo_jax
 from lomo_jax.config import LlamaConfig
 
 METHODS = ("fused-lomo", "fused-adalomo", "sgd", "adamw", "torch-lomo", "torch-adalomo")
@@ -123,6 +124,7 @@ def main() -> None:
     )
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    lomo_jax.configure()  # as the CLI, before JAX starts
     import torch
 
     threads = os.cpu_count() or 1

@@ -1,16 +1,18 @@
 """lomo-jax: full-parameter LLaMA fine-tuning in JAX with the fused LOMO and AdaLomo optimizers.
 
-The names below are imported on first use, so `lomo-jax` catches Ctrl-C before JAX loads."""
+The names below are imported on first use, so `lomo-jax` catches Ctrl-C before JAX loads.
+Importing lomo_jax (or any of its modules) changes nothing in the process; `configure()` sets
+the process up as the `lomo-jax` command does.
+"""
 
 import importlib
 import os
 
-# XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one cuts the fused
-# step's temporaries by about a fifth at 7B (benchmarks/memory.py). XLA reads it only from
-# XLA_FLAGS, before the backend starts; other backends ignore it. Set it yourself to override.
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=false".strip()
+# XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one cuts the
+# fused step's temporaries (README, Memory: benchmarks/memory.py). XLA reads the choice from
+# XLA_FLAGS once, when JAX's CPU backend starts: as a per-compile option (lomo_jax.compiler's
+# way) it is accepted and ignored. Other backends ignore the flag.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 _EXPORTS = {
     "PRESETS": "lomo_jax.config",
@@ -27,7 +29,24 @@ _EXPORTS = {
     "Tokenizer": "lomo_jax.tokenizer",
     "load_tokenizer": "lomo_jax.tokenizer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "configure"])
+
+
+def configure() -> None:
+    """Sets this process up as the `lomo-jax` command does: call it first, before JAX's first
+    computation, in a script that trains near the machine's memory or plans memory on this CPU.
+
+    - XLA:CPU's memory-aware scheduler (`CPU_SCHEDULER_FLAG=false` appended to XLA_FLAGS,
+      unless XLA_FLAGS names the flag already: yours wins); without it the CPU compiles the
+      same steps with larger temporaries than README's figures;
+    - glibc malloc's fixed thresholds (`lomo_jax.host_memory.configure`).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_SCHEDULER_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}=false".strip()
+    from lomo_jax import host_memory
+
+    host_memory.configure()
 
 
 def __getattr__(name: str):

@@ -71,9 +71,9 @@ def _os_errors(dest: Path) -> Iterator[None]:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(dest)) from None
 
 
-def write_params(path: Path, params: Any) -> None:
-    """One orbax checkpoint per leaf (and per layer slice of a large stacked leaf), one after
-    another.
+def write_params(path: Path, params: Any, piece_bytes: int = PIECE_BYTES) -> None:
+    """One orbax checkpoint per leaf (and per layer slice of a stacked leaf larger than
+    `piece_bytes`), one after another.
 
     Saved in one go, orbax stages a host copy of every array at once (save_concurrent_gb does not
     bound it on CPU), doubling an import's peak memory; piece by piece the extra is one piece.
@@ -86,7 +86,7 @@ def write_params(path: Path, params: Any) -> None:
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
             name = leaf_name(leaf_path)
             nbytes = leaf.size * leaf.dtype.itemsize
-            pieces = leaf.shape[0] if leaf.ndim > 1 and nbytes > PIECE_BYTES else 0
+            pieces = leaf.shape[0] if leaf.ndim > 1 and nbytes > piece_bytes else 0
             # One slice at a time: a list of them would be a second copy of the stack.
             for i, piece in enumerate((leaf[i] for i in range(pieces)) if pieces else [leaf]):
                 dest = path / (f"{name}@{i}" if pieces else name)

@@ -9,7 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lomo_jax.attention import IMPLEMENTATIONS
+from lomo_jax.attention import BLOCK, IMPLEMENTATIONS
+from lomo_jax.blocks import BLOCK_BYTES
 from lomo_jax.parameters import params_of
 
 
@@ -80,6 +81,8 @@ COMMON_KEYS = (
 _FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": None}
 # Sizes: positive integers (None where derived or absent).
 _SIZES = (*_DIMENSIONS, "head_dim", "max_position_embeddings", "sliding_window")
+# This library's own settings: positive integers.
+_TUNING = ("attention_block", "block_bytes")
 
 
 def _is_int(x: Any) -> bool:
@@ -88,7 +91,7 @@ def _is_int(x: Any) -> bool:
 
 def _check_types(c: LlamaConfig) -> None:
     """Types and ranges of the values a config.json can carry (None: derived or absent)."""
-    for name in _SIZES:
+    for name in (*_SIZES, *_TUNING):
         v = getattr(c, name)
         if v is not None and not (_is_int(v) and v > 0):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -129,9 +132,13 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
-    # How to compute attention (lomo_jax.attention): a choice of this library, not a property of
-    # the model, so it stays out of the exported config.json (transformers has its own).
-    attention: str = "auto"
+    # How to compute, not what: choices of this library, not properties of the model, so they
+    # stay out of the exported config.json (transformers has its own).
+    attention: str = "auto"  # lomo_jax.attention's implementation
+    attention_block: int = BLOCK  # queries and keys per block of blockwise attention
+    # Bytes of float32 intermediates one block may hold where a loop walks an axis in blocks
+    # (lomo_jax.blocks): the head's vocabulary pieces, the embedding gradient's columns.
+    block_bytes: int = BLOCK_BYTES
 
     def __post_init__(self):
         _check_types(self)

@@ -19,16 +19,19 @@ def _plugin_without_gpu() -> bool:
 
 
 def import_jax() -> None:
-    """Imports JAX (and registers its plugins) quietly where the plugin has no GPU to use; a
-    no-op once JAX is imported or where there is a GPU or no plugin."""
+    """Imports JAX (and registers its plugins) quietly where the plugin has no GPU to use, and
+    selects the CPU platform there unless JAX_PLATFORMS names one (JAX's `jax_platforms`
+    setting, not the environment: a child process chooses for itself); a no-op once JAX is
+    imported or where there is a GPU or no plugin."""
     if "jax" in sys.modules or not _plugin_without_gpu():
         return
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.stderr.flush()
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
-        importlib.import_module("jax")
+        jax = importlib.import_module("jax")
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")
         # Loading the plugin prints too, when a backend is first asked for. Registering it starts
         # no backend, so XLA_FLAGS set later still count.
         importlib.import_module("jax._src.xla_bridge")._discover_and_register_pjrt_plugins()

@@ -85,11 +85,14 @@ def _head_params(cfg: LlamaConfig, params) -> dict:
     return {"norm": params["norm"], key: params[key]}
 
 
-def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_head=None):
+def _embedding_grad(
+    ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, block_bytes: int, g_head=None
+):
     """The table's gradient in its own dtype (as a framework's `.grad`), plus the tied head's
     gradient `g_head` when given. The rows of repeated ids are summed in float32 first, so each
     row is rounded once; the table is filled one block of columns at a time, so no float32
-    [V, D] table exists (XLA:CPU scatters into 16-bit arrays through a float32 copy)."""
+    [V, D] table exists (XLA:CPU scatters into 16-bit arrays through a float32 copy): a block's
+    float32 copy holds at most `block_bytes`."""
     V, D = table.shape
     ids_N = ids_BT.reshape(-1)
     n = ids_N.shape[0]
@@ -102,7 +105,7 @@ def _embedding_grad(ids_BT: jax.Array, dh_BTD: jax.Array, table: jax.Array, g_he
     )
     # Row of each segment; the segments past the last id keep V, out of range (dropped).
     rows_N = jnp.full(n, V, ids_N.dtype).at[segment_N].set(sorted_N)
-    nb, bd = blocks.even_blocks(D, blocks.BLOCK_BYTES // (4 * V))
+    nb, bd = blocks.even_blocks(D, block_bytes // (4 * V))
 
     def fill(g, j):  # a block's overlap with the one before is already filled: keep it
         old = blocks.take(g, j, bd, 1)
@@ -194,7 +197,8 @@ def _fused_backward(
     g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
 
     def embedding_grad(dh0):
-        return _embedding_grad(batch.input_ids, dh0, params["embed"]["embedding"], g_head_emb)
+        table = params["embed"]["embedding"]
+        return _embedding_grad(batch.input_ids, dh0, table, cfg.block_bytes, g_head_emb)
 
     def backward(consume, acc, stacks, i, h_i, dh):
         return _layer_backward(cfg, stacks, i, h_i, dh, positions, mask, consume, acc, layout)

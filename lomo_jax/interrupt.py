@@ -70,6 +70,7 @@ def caught() -> Iterator[None]:
         yield
     finally:
         _requests.restore()
+        _requests.signum = None  # a request is for this block: none is pending after it
 
 
 def act_now() -> None:
@@ -80,5 +81,6 @@ def act_now() -> None:
 
 
 def requested() -> int | None:
-    """The signal that asked this process to stop, if any."""
+    """The signal that asked this process to stop, if any (only a `caught()` block records
+    one)."""
     return _requests.signum

@@ -66,12 +66,12 @@ def cross_entropy(logits_BTV: jax.Array, labels_BT: jax.Array) -> jax.Array:
     return nll_sum(logits_BTV, next_token_targets(labels_BT)) / num_targets(labels_BT)
 
 
-def vocab_pieces(tokens: int, vocab: int) -> tuple[int, int]:
+def vocab_pieces(cfg: LlamaConfig, tokens: int) -> tuple[int, int]:
     """(n, size): the head computes its logits one vocabulary piece at a time, each piece's
-    float32 logits within `blocks.BLOCK_BYTES`, so the [B, T, V] logits (LLaMA-3 at 8 x 1024:
+    float32 logits within `cfg.block_bytes`, so the [B, T, V] logits (LLaMA-3 at 8 x 1024:
     4 GiB) never exist and the output projection is read piece by piece (XLA:CPU upcasts what a
     bfloat16 matmul reads)."""
-    return blocks.even_blocks(vocab, blocks.BLOCK_BYTES // (4 * tokens))
+    return blocks.even_blocks(cfg.vocab_size, cfg.block_bytes // (4 * tokens))
 
 
 def _piece_logits(cfg: LlamaConfig, params, x_BTD: jax.Array, j: jax.Array, size: int):
@@ -88,7 +88,7 @@ def _logsumexp_and_picked(cfg: LlamaConfig, params, x_BTD: jax.Array, targets_BT
     """logsumexp of each position's logits and the target's logit, piece by piece (an online
     logsumexp: running maximum and rescaled sum)."""
     B, T, _ = x_BTD.shape
-    n, size = vocab_pieces(B * T, cfg.vocab_size)
+    n, size = vocab_pieces(cfg, B * T)
 
     def body(carry, j):
         m_BT, s_BT, picked_BT = carry
@@ -126,7 +126,7 @@ def head_loss_and_grads(
     each piece's logits, writes its columns' gradient (complete: one matmul over every position)
     and adds its share of dx; one piece's logits exist at a time."""
     B, T, _ = h_BTD.shape
-    n, size = vocab_pieces(B * T, cfg.vocab_size)
+    n, size = vocab_pieces(cfg, B * T)
     targets_BT = next_token_targets(labels_BT)
     count = num_targets(labels_BT)
     x_BTD, norm_vjp = jax.vjp(lambda p, h: final_norm(cfg, {"norm": p}, h), hp["norm"], h_BTD)

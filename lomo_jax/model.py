@@ -153,8 +153,9 @@ class Attention(nn.Module):
     def attend(self, q_BTHK, k_BSHK, v_BSHK, mask: Mask):
         B, T, H, K = q_BTHK.shape
         cfg = self.cfg
+        block = cfg.attention_block
         out_BTHK = attention.attend(
-            q_BTHK, k_BSHK, v_BSHK, mask, cfg.attention, window=cfg.sliding_window
+            q_BTHK, k_BSHK, v_BSHK, mask, cfg.attention, cfg.sliding_window, block, block
         )
         return self.o_proj(out_BTHK.reshape(B, T, H * K))
 

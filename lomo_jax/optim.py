@@ -100,6 +100,7 @@ class AdaLomo:
     eps2: float = 1e-3
     clip_threshold: float = 1.0
     decay_rate: float = -0.8
+    block_bytes: int = blocks.BLOCK_BYTES  # a matrix's float32 intermediates per column block
 
     def init(self, p: jax.Array) -> State:
         if p.ndim >= 2:
@@ -144,7 +145,7 @@ class AdaLomo:
         sharding rules split a matrix along its first axis. A block's rounding bits are those of
         its place in the whole matrix, so the blocking never changes the result."""
         m, n = p.shape
-        nb, bn = blocks.even_blocks(n, blocks.BLOCK_BYTES // (4 * m))
+        nb, bn = blocks.even_blocks(n, self.block_bytes // (4 * m))
 
         def cols(x, j):
             return blocks.take(x, j, bn, x.ndim - 1)

@@ -17,13 +17,12 @@ def peak_memory_bytes() -> int:
 
 
 def plot_losses(path: Path, runs: dict[str, list[dict]], title: str | None = None) -> None:
-    """Training and validation loss of one or more runs' metrics, in one PNG."""
-    import matplotlib
+    """Training and validation loss of one or more runs' metrics, in one PNG (a Figure of its
+    own, without pyplot: matplotlib's backend and state stay as the caller had them)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, history in runs.items():
         prefix = f"{name} " if name else ""
         train = [(m["step"], m["loss"]) for m in history if "loss" in m]
@@ -40,7 +39,6 @@ def plot_losses(path: Path, runs: dict[str, list[dict]], title: str | None = Non
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 class ProgressBar:

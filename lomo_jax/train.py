@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import yaml
 
-from lomo_jax import checkpoint, host_memory, interrupt
+from lomo_jax import checkpoint, interrupt
 from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
@@ -263,9 +263,18 @@ def _load_inputs(c: TrainConfig, layout: Layout):
     return model, rows, eval_rows
 
 
-def train(c: TrainConfig, resume: bool = False) -> list[dict]:
-    """Trains (or resumes) the run in `c.out`; returns its metrics."""
-    with interrupt.caught(), contextlib.ExitStack() as stack:
+def train(
+    c: TrainConfig, resume: bool = False, after_phase: Callable[[str], None] | None = None
+) -> list[dict]:
+    """Trains (or resumes) the run in `c.out`; returns its metrics.
+
+    The process is left as it was found: no signal handler is installed (run it inside
+    `lomo_jax.interrupt.caught()`, as the CLI does, and Ctrl-C or SIGTERM stops it between steps
+    with a checkpoint), no cache is cleared, no memory handed back. `after_phase(name)` is
+    called when the step has compiled ("compiled") and when the weights are in memory
+    ("loaded"), before the first step: where the CLI hands memory back to the system."""
+    after_phase = after_phase or (lambda phase: None)
+    with contextlib.ExitStack() as stack:
         if resume:  # refused at once when the run is in use
             run = stack.enter_context(RunDir.resume(c.out))
         else:
@@ -288,6 +297,7 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
         init, step_fn = make_train_step(c.step_options(), model.config, layout)
         like = abstract_state(init, model.params)
         step_fn = _compile(step_fn, like, layout.put_batch(_rows_of_step(c, rows, 0).batch()))
+        after_phase("compiled")
         params = None if restart else read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout)
         if signum := _stop_requested():
             raise interrupt.Interrupted(signum, "before training started; nothing written")
@@ -297,27 +307,17 @@ def train(c: TrainConfig, resume: bool = False) -> list[dict]:
         run.write_config(dataclasses.asdict(c))
         state = run.load_latest(like, layout) if restart else layout.on_mesh(init(params))
         del params  # the state holds the weights from here
-        _drop_loading_leftovers()
+        after_phase("loaded")
         return _loop(c, run, model, state, step_fn, rows, eval_rows, layout)
 
 
 def _compile(step_fn: Callable, like: TrainState, batch: Any) -> Callable:
-    """The step compiled before any weight is in memory: the compiler's own peak and what it
-    leaves in malloc's heaps never add to the weights' (a LLaMA-7B run peaks 0.25 GB lower)."""
+    """The step compiled before any weight is in memory: the compiler's own peak, and what it
+    leaves in malloc's heaps until handed back, never add to the weights'."""
     t0 = time.perf_counter()
     compiled = step_fn.lower(like, batch).compile()
     log.info("compiled the training step in %.0f s", time.perf_counter() - t0)
-    host_memory.release()
     return compiled
-
-
-def _drop_loading_leftovers() -> None:
-    """Frees, before the first step's peak, what reading the weights left: host copies of whole
-    tensors in orbax's reference cycles (an embedding's worth), the readers' executables (one
-    per stacked shape), and the memory malloc kept of both, which would otherwise stay for the
-    whole run."""
-    jax.clear_caches()
-    host_memory.release()
 
 
 def _stop_requested() -> int | None:

@@ -13,8 +13,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOMO_JAX_CACHE", tempfile.mkdtemp(prefix="lomo_jax_cache_"))
 
+import lomo_jax  # noqa: E402
 from lomo_jax import cuda_plugin  # noqa: E402
 
+lomo_jax.configure()  # as the CLI: the memory tests' plans are the CLI's
 cuda_plugin.import_jax()  # the CUDA plugin `make install` adds, on a machine without a GPU
 
 from convert.export import write_hf  # noqa: E402

@@ -145,11 +145,10 @@ def test_auto_chooses_dense_for_one_block_and_blockwise_beyond():
         assert attention.choose(half, half, Mask(), 512, 512) == "blockwise"
 
 
-def test_fused_lomo_on_blockwise_attention_equals_jax_grad_sgd_on_dense(monkeypatch):
+def test_fused_lomo_on_blockwise_attention_equals_jax_grad_sgd_on_dense():
     """Blocks of 16 over 40 tokens (three query blocks, the last padded), causal skipping, packed
     segments and padding; the fused step's recompute under jax.vjp runs the custom vjp."""
-    monkeypatch.setattr(attention, "BLOCK", 16)
-    cfg = CONFIGS["gqa"]
+    cfg = CONFIGS["gqa"].replace(attention_block=16)
     params = lomo_jax.init_params(cfg, jax.random.key(0))
     ids = random_ids(cfg, 2, 40, seed=9)
     segs = np.ones_like(ids)
@@ -163,11 +162,10 @@ def test_fused_lomo_on_blockwise_attention_equals_jax_grad_sgd_on_dense(monkeypa
     assert_trees_close(state.params, ref, rtol=1e-5)
 
 
-def test_cached_generation_on_blockwise_attention_matches_dense(monkeypatch):
+def test_cached_generation_on_blockwise_attention_matches_dense():
     """Prefill (5 queries against 11 cache slots, blocks of 4) and decoding through the
     blockwise path pick the dense path's tokens."""
-    monkeypatch.setattr(attention, "BLOCK", 4)
-    cfg = CONFIGS["gqa"]
+    cfg = CONFIGS["gqa"].replace(attention_block=4)
     params = lomo_jax.init_params(cfg, jax.random.key(3))
     prompt = random_ids(cfg, 2, 5, seed=2)
     dense = generate(cfg.replace(attention="dense"), params, prompt, 6, stop_at_eos=False)

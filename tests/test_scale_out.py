@@ -66,9 +66,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(devices: int) -> dict:
-    """A subprocess environment with `devices` host-platform CPU devices and this repository
-    importable (lomo_jax, tests) wherever pytest was started."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    """A subprocess environment with `devices` host-platform CPU devices (and XLA_FLAGS as
+    `lomo_jax.configure()` set them here) and this repository importable (lomo_jax, tests)
+    wherever pytest was started."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
@@ -194,10 +196,10 @@ def _pieces_on_mesh(directory: str) -> None:
     import lomo_jax.checkpoint as ckpt
     from lomo_jax.sharding import make_mesh, put
 
-    ckpt.PIECE_BYTES = 10_000  # every stacked matrix here is larger
     layout = Layout(make_mesh("data=2,fsdp=4"))
     params = jax.tree.map(np.asarray, lomo_jax.init_params(CFG, jax.random.key(1)))
-    ckpt.write_params(Path(directory), put(params, layout.params(params)))
+    # Every stacked matrix here is larger than the pieces.
+    ckpt.write_params(Path(directory), put(params, layout.params(params)), piece_bytes=10_000)
     assert (Path(directory) / "layers.mlp.up_proj.kernel@1").is_dir()
     back = ckpt.read_params(Path(directory), layout.param)
     for a, b, s in zip(
