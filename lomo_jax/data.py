@@ -1,9 +1,12 @@
-"""Training rows from local files: pre-tokenized rows, packed plain text, Alpaca instructions,
-or SuperGLUE tasks rendered with their evaluation prompts.
+"""Training rows from local files in the formats of `FORMATS`: pre-tokenized rows, packed plain
+text, Alpaca instructions, SuperGLUE tasks rendered with their evaluation prompts, or prompt /
+response templates over any records. A format is a function from a `Source` (the files and the
+options) to `Rows`; a new format is one entry of `FORMATS`.
 
 Every format becomes the same four [N, T] int32 arrays: input_ids, labels (-100 = no loss),
 segment_ids (0 = padding; packed documents get 1, 2, ...) and positions (restarting per
-document), which is what `loss.Batch` carries.
+document), which is what `loss.Batch` carries. The records come from `lomo_jax.records`;
+tokenized rows are cached (`cache_dir()`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,6 @@ from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")
 
-FORMATS = ("pretokenized", "text", "alpaca", "superglue", "template")
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -182,13 +185,6 @@ def _packed_text(tok: Tokenizer, docs: list[str], seq_len: int, path) -> Rows:
     return Rows(ids, labels, seg, pos)
 
 
-def _need(tok: Tokenizer | None, path, fmt: str) -> None:
-    if tok is None:
-        raise DataError(
-            f"{path}: format {fmt} needs a tokenizer (the checkpoint has none; pass --tokenizer)"
-        )
-
-
 def _template(path: str | Path) -> tuple[str, str]:
     """A YAML file with `prompt` and `response`: format strings over each record's fields."""
     import string
@@ -270,6 +266,95 @@ def _write_cache(f: Path, rows: Rows) -> None:
         log.warning("%s: cannot write the cache (%s); going on without it", f, e.strerror or e)
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a format reads (`path`) and what shapes its rows: the tokenizer, the row length,
+    and the options some formats take."""
+
+    path: str | Path  # as given: messages name it so
+    tokenizer: Tokenizer | None
+    seq_len: int
+    task: str | None = None  # superglue
+    template: str | None = None  # template: the YAML file
+    vocab_size: int | None = None  # pretokenized: every id checked as it is read
+
+    def tokenizer_for(self, fmt: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise DataError(
+                f"{self.path}: format {fmt} needs a tokenizer (the checkpoint has none; pass "
+                f"--tokenizer)"
+            )
+        return self.tokenizer
+
+
+def _pretokenized(src: Source) -> Rows:
+    ids = read_pretokenized(src.path, src.seq_len, src.vocab_size)
+    pos = np.broadcast_to(np.arange(src.seq_len, dtype=np.int32), ids.shape).copy()
+    return Rows(ids, ids.copy(), np.ones_like(ids), pos)
+
+
+def _text(src: Source) -> Rows:
+    records, places = load_records(src.path)  # the file's own problems are reported first
+    _require(records, places, "text", ("text",))
+    docs = [r["text"] or "" for r in records]
+    return _packed_text(src.tokenizer_for("text"), docs, src.seq_len, src.path)
+
+
+def _alpaca(src: Source) -> Rows:
+    records, places = load_records(src.path)
+    _require(records, places, "alpaca", ("instruction", "output"), optional=("input",))
+    tok = src.tokenizer_for("alpaca")
+    prompts = [
+        (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
+            **{"instruction": r["instruction"] or "", "input": r.get("input") or ""}
+        )
+        for r in records
+    ]
+    responses = [r["output"] or "" for r in records]
+    return _prompt_response(tok, prompts, responses, src.seq_len, src.path)
+
+
+def _templated(src: Source) -> Rows:
+    records, places = load_records(src.path)
+    if src.template is None:
+        raise DataError("format template needs --template FILE")
+    prompt, response = _template(src.template)
+    prompts = _fill(prompt, records, places, src.template)
+    responses = _fill(response, records, places, src.template)
+    tok = src.tokenizer_for("template")
+    return _prompt_response(tok, prompts, responses, src.seq_len, src.path)
+
+
+def _superglue(src: Source) -> Rows:
+    records, places = load_records(src.path)
+    if src.task is None:
+        raise DataError("format superglue needs --task")
+    try:
+        examples = examples_from_records(src.task, records, src.path, places)
+    except TaskError as e:
+        raise DataError(str(e)) from None
+    tok = src.tokenizer_for("superglue")
+    prompts = [ex.context for ex in examples]
+    answers = [ex.candidates[ex.label] for ex in examples]
+    return _prompt_response(tok, prompts, answers, src.seq_len, src.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    build: Callable[[Source], Rows]
+    cached: bool = True  # its tokenized rows are kept in `cache_dir()` for the next run
+
+
+# The formats `--format` takes; a new one is one entry.
+FORMATS: dict[str, Format] = {
+    "pretokenized": Format(_pretokenized, cached=False),  # nothing to tokenize
+    "text": Format(_text),
+    "alpaca": Format(_alpaca),
+    "superglue": Format(_superglue),
+    "template": Format(_templated),
+}
+
+
 def build_rows(
     fmt: str,
     path: str | Path,
@@ -281,8 +366,11 @@ def build_rows(
 ) -> Rows:
     """Tokenized rows, cached by file identity (path, size, mtime), format and tokenizer, so a
     second run over the same data starts at once; with `vocab_size`, every id is checked to fit."""
-    if fmt == "pretokenized" or not Path(path).exists():
-        rows = _build_rows(fmt, path, tok, seq_len, task, template, vocab_size)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    src = Source(path, tok, seq_len, task, template, vocab_size)
+    if not FORMATS[fmt].cached or not Path(path).exists():
+        rows = FORMATS[fmt].build(src)
     else:
         key = _cache_key(fmt, Path(path), tok, seq_len, task, template)
         cached = cache_dir() / f"rows-{key}.npz"
@@ -290,7 +378,7 @@ def build_rows(
         if rows is not None:
             log.info("%s: %d tokenized rows from the cache %s", path, len(rows), cached)
         else:
-            rows = _build_rows(fmt, path, tok, seq_len, task, template)
+            rows = FORMATS[fmt].build(src)
             _write_cache(cached, rows)
     if vocab_size is not None and rows.input_ids.max() >= vocab_size:
         raise DataError(
@@ -298,57 +386,6 @@ def build_rows(
             f"vocab_size {vocab_size} (wrong tokenizer?)"
         )
     return rows
-
-
-def _build_rows(
-    fmt: str,
-    path: str | Path,
-    tok: Tokenizer | None,
-    seq_len: int,
-    task: str | None = None,
-    template: str | None = None,
-    vocab_size: int | None = None,
-) -> Rows:
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fmt == "pretokenized":
-        ids = read_pretokenized(path, seq_len, vocab_size)
-        seg = np.ones_like(ids)
-        pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), ids.shape).copy()
-        return Rows(ids, ids.copy(), seg, pos)
-    records, places = load_records(path)  # the file's own problems are reported first
-    if fmt == "text":
-        _require(records, places, fmt, ("text",))
-        _need(tok, path, fmt)
-        return _packed_text(tok, [r["text"] or "" for r in records], seq_len, path)
-    if fmt == "alpaca":
-        _require(records, places, fmt, ("instruction", "output"), optional=("input",))
-        _need(tok, path, fmt)
-        prompts = [
-            (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
-                **{"instruction": r["instruction"] or "", "input": r.get("input") or ""}
-            )
-            for r in records
-        ]
-        return _prompt_response(tok, prompts, [r["output"] or "" for r in records], seq_len, path)
-    if fmt == "template":
-        if template is None:
-            raise DataError("format template needs --template FILE")
-        prompt, response = _template(template)
-        prompts = _fill(prompt, records, places, template)
-        answers = _fill(response, records, places, template)
-        _need(tok, path, fmt)
-        return _prompt_response(tok, prompts, answers, seq_len, path)
-    if task is None:
-        raise DataError("format superglue needs --task")
-    try:
-        examples = examples_from_records(task, records, path, places)
-    except TaskError as e:
-        raise DataError(str(e)) from None
-    _need(tok, path, fmt)
-    prompts = [ex.context for ex in examples]
-    answers = [ex.candidates[ex.label] for ex in examples]
-    return _prompt_response(tok, prompts, answers, seq_len, path)
 
 
 def check_seq_len(seq_len: int, cfg, model: str | Path) -> None:

@@ -32,7 +32,7 @@ tests/test_engine_memory.py fails if a copy of a stack comes back.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import layout as xla_layout
 
 from lomo_jax import blocks
+from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
@@ -137,18 +138,35 @@ def _depends_on(tree, *deps):
     return jax.tree.map(lambda x: x + zero.astype(x.dtype), tree)
 
 
-def _layer_backward(
-    cfg: LlamaConfig, stacks: dict, i, h_i, dh, positions, mask, consume, acc, layout
-):
+class _Reverse(NamedTuple):
+    """What a reverse pass walks: the batch, what the forward saved (each layer's input, the
+    loss's cotangent at the last layer's output) and the mesh its gradients are sharded over
+    (None: one device, where the stages' updates are ordered instead)."""
+
+    cfg: LlamaConfig
+    ids: jax.Array  # [B, T] token ids
+    positions: jax.Array  # [B, T]
+    mask: Mask
+    hs: jax.Array  # [L, B, T, D] each layer's input
+    dh_L: jax.Array  # [B, T, D]
+    layout: Layout | None
+
+    def embedding_grad(self, table: jax.Array, dh_0: jax.Array, g_tied=None) -> jax.Array:
+        return _embedding_grad(self.ids, dh_0, table, self.cfg.block_bytes, g_tied)
+
+
+def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     """Layer i's backward, block by block (`model.LAYER_BLOCKS`; a step's weights are the rows
     of `parameters.TABLE` that name it), the last block first: each block is recomputed under
     `jax.vjp` from its input once the block above is done, one step at a time; walking its steps
-    back, each step's gradients go to `consume(acc, weights, grads)` as soon as they exist, so at
-    most one step's gradients and one block's activations are alive. -> (acc, dh below).
+    back, each step's gradients go to `consume(acc, i, weights, grads) -> (acc, done)` as soon
+    as they exist, so at most one step's gradients and one block's activations are alive; the
+    steps below wait for `done`. -> (acc, dh below).
 
     `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
     touches only the device's slice."""
+    cfg, positions, mask = rev.cfg, rev.positions, rev.mask
 
     def weights(step, after):
         # Sliced anew after `after`: one slice shared with the forward would stay alive between.
@@ -172,11 +190,11 @@ def _layer_backward(
             tape.append((p, vjp))
         for p, vjp in reversed(tape):
             g, dxs = vjp(dxs)
-            if layout is not None:
-                g = jax.lax.with_sharding_constraint(g, layout.layer(g))
+            if rev.layout is not None:
+                g = jax.lax.with_sharding_constraint(g, rev.layout.layer(g))
             # dxs reads every weight of the step (the in-place writes must come after the
             # reads), and the steps below wait for this one's update: its gradients die here.
-            acc, done = consume(acc, p, _depends_on(flatten_dict(g), dxs))
+            acc, done = consume(acc, i, p, _depends_on(flatten_dict(g), dxs))
             dxs = _depends_on(dxs, done)
     return acc, dxs[0]
 
@@ -187,85 +205,84 @@ def _index_after(i: jax.Array, deps) -> jax.Array:
     return jnp.minimum(i, i + jnp.isnan(x).astype(i.dtype))
 
 
-def _fused_backward(
-    cfg, rule, params, opt_state, batch, hs, dh_L, g_head, sc, measure_only, layout=None
-):
-    """One reverse pass. measure_only: accumulate the squared gradient norm and finiteness and
-    touch nothing; otherwise update every tensor as its gradient appears."""
-    positions, mask = batch_inputs(batch)
+def _reverse_layers(rev: _Reverse, consume, acc, stacks_of, dh_L):
+    """The layers' backward from the last to the first (`lax.scan`), each handing its steps'
+    gradients to `consume`; `stacks_of(acc)` are the stacked weights to recompute from (the
+    carried ones while they are being updated). -> (acc, the cotangent of the embedding's
+    output)."""
+
+    def layer(carry, x):
+        acc, dh = carry
+        h_i, i = x
+        return _layer_backward(rev, stacks_of(acc), i, h_i, dh, consume, acc), None
+
+    idx = jnp.arange(rev.cfg.num_hidden_layers)
+    return jax.lax.scan(layer, (acc, dh_L), (rev.hs, idx), reverse=True)[0]
+
+
+def _untie(g_head: dict) -> tuple[dict, jax.Array | None]:
+    """The head's gradients without the tied embedding's (added to the embedding's own)."""
     g_head = dict(g_head)
-    g_head_emb = g_head.pop("embed", {}).get("embedding")  # tied: added to the embedding's
+    return g_head, g_head.pop("embed", {}).get("embedding")
 
-    def embedding_grad(dh0):
-        table = params["embed"]["embedding"]
-        return _embedding_grad(batch.input_ids, dh0, table, cfg.block_bytes, g_head_emb)
 
-    def backward(consume, acc, stacks, i, h_i, dh):
-        return _layer_backward(cfg, stacks, i, h_i, dh, positions, mask, consume, acc, layout)
+def _measure_pass(rev: _Reverse, params, g_head: dict, sc: StepScalars):
+    """The first reverse pass of a step that clips by the global norm or scales its loss, as
+    the paper's: every gradient's squared norm, summed, and whether all are finite; nothing is
+    updated. -> (sum of squares, finite)"""
+    g_head, g_tied = _untie(g_head)
+    p_stacks = flatten_dict(params["layers"])
 
-    if measure_only:
+    def measure_step(acc, i, p, g):
+        sumsq, ok = acc
+        sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
+        return (sumsq, ok & all_finite(g)), sumsq
 
-        def measure_step(acc, p, g):
-            sumsq, ok = acc
-            sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
-            return (sumsq, ok & all_finite(g)), sumsq
+    acc = (global_norm_sq(g_head, sc.loss_scale), all_finite(g_head))
+    (sumsq, finite), dh_0 = _reverse_layers(rev, measure_step, acc, lambda _: p_stacks, rev.dh_L)
+    g_emb = rev.embedding_grad(params["embed"]["embedding"], dh_0, g_tied)
+    return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & all_finite(g_emb)
 
-        def measure(carry, x):
-            dh, acc = carry
-            h_i, i = x
-            acc, dh = backward(measure_step, acc, flatten_dict(params["layers"]), i, h_i, dh)
-            return (dh, acc), None
 
-        init = (dh_L, (global_norm_sq(g_head, sc.loss_scale), all_finite(g_head)))
-        (dh0, (sumsq, finite)), _ = jax.lax.scan(
-            measure, init, (hs, jnp.arange(cfg.num_hidden_layers)), reverse=True
-        )
-        g_emb = embedding_grad(dh0)
-        return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & all_finite(g_emb)
-
+def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dict, sc):
+    """The reverse pass that updates: the head at once, each step of each layer as its
+    gradients appear (in place, in the carried stacks), the embedding last. -> (params, state)"""
+    g_head, g_tied = _untie(g_head)
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():
         new_params[k], new_state[k] = map_rule(rule, params[k], g, opt_state[k], sc, k)
     # The layers wait for the head's update, or its gradient (as big as the vocabulary table)
     # would be kept alive through the whole reverse scan.
-    dh_L = _depends_on(dh_L, [new_params[k] for k in g_head])
+    dh_L = _depends_on(rev.dh_L, [new_params[k] for k in g_head])
 
-    def update(carry, x):
-        h_i, i = x
+    def update_step(acc, i, p, g):
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
-
-        def update_step(acc, p, g):
-            p_stacks, s_stacks = acc
-            s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
-            p, s = map_rule(rule, p, g, s, sc, "layers", i)
-            if layout is None:  # on a mesh the pin makes XLA gather every weight of a layer
-                p = {k: _row_major(v) for k, v in p.items()}
-            p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k]) for k in p}}
-            # The rule's state reads feed the weight update: state writes after weight writes.
-            s = _depends_on(s, [p_stacks[k][i] for k in p])
-            s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
-            # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA
-            # turns a read of an updated [L, D] stack into a read of the old one (a copy).
-            # Sharded, the read would gather the stack (a partial slice of a split axis): the
-            # steps are left unordered there, as each device holds only its share anyway.
-            if layout is not None:
-                return (p_stacks, s_stacks), []
-            done = [_read_after_write(p_stacks[k], i) for k in p if p_stacks[k].ndim > 2]
-            return (p_stacks, s_stacks), done
-
-        p_stacks, s_stacks, dh = carry
-        (p_stacks, s_stacks), dh = backward(update_step, (p_stacks, s_stacks), p_stacks, i, h_i, dh)
-        return (p_stacks, s_stacks, dh), None
+        p_stacks, s_stacks = acc
+        s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
+        p, s = map_rule(rule, p, g, s, sc, "layers", i)
+        if rev.layout is None:  # on a mesh the pin makes XLA gather every weight of a layer
+            p = {k: _row_major(v) for k, v in p.items()}
+        p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k]) for k in p}}
+        # The rule's state reads feed the weight update: state writes after weight writes.
+        s = _depends_on(s, [p_stacks[k][i] for k in p])
+        s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
+        # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA turns a
+        # read of an updated [L, D] stack into a read of the old one (a copy). Sharded, the read
+        # would gather the stack (a partial slice of a split axis): the steps are left unordered
+        # there, as each device holds only its share anyway.
+        if rev.layout is not None:
+            return (p_stacks, s_stacks), []
+        done = [_read_after_write(p_stacks[k], i) for k in p if p_stacks[k].ndim > 2]
+        return (p_stacks, s_stacks), done
 
     p_stacks = flatten_dict(params["layers"])
     s_stacks = flatten_dict(opt_state["layers"], is_leaf=lambda path, _: path in p_stacks)
-    idx = jnp.arange(cfg.num_hidden_layers)
-    (p_stacks, s_stacks, dh0), _ = jax.lax.scan(
-        update, (p_stacks, s_stacks, dh_L), (hs, idx), reverse=True
-    )
+    stacks = (p_stacks, s_stacks)
+    (p_stacks, s_stacks), dh_0 = _reverse_layers(rev, update_step, stacks, lambda a: a[0], dh_L)
     new_params["layers"], new_state["layers"] = unflatten_dict(p_stacks), unflatten_dict(s_stacks)
+    g_emb = {"embedding": rev.embedding_grad(params["embed"]["embedding"], dh_0, g_tied)}
     new_params["embed"], new_state["embed"] = map_rule(
-        rule, params["embed"], {"embedding": embedding_grad(dh0)}, opt_state["embed"], sc, "embed"
+        rule, params["embed"], g_emb, opt_state["embed"], sc, "embed"
     )
     return new_params, new_state
 
@@ -284,6 +301,21 @@ def _read_after_write(stack: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(stack, (j,) + (0,) * (stack.ndim - 1), (1,) * stack.ndim)
 
 
+def _forward(cfg: LlamaConfig, params, batch: Batch, scale: jax.Array, layout: Layout | None):
+    """The forward pass, saving each layer's input, then the head's loss and gradients (of loss
+    x `scale`, 1 unless float16). -> (loss, the head's gradients, what the reverse passes walk)"""
+    positions, mask = batch_inputs(batch)
+    h_0 = embed(cfg, params["embed"], batch.input_ids)
+    h_L, hs = decoder_layers(cfg, params["layers"], h_0, positions, mask, keep_inputs=True)
+    loss, g_head, dh_L = head_loss_and_grads(
+        cfg, _head_params(cfg, params), h_L, batch.labels, scale
+    )
+    # The reverse pass shards its gradients over a mesh of several devices; on one device it
+    # orders the steps' updates and pins their layout (what no mesh would do there either).
+    sharded = layout if layout is not None and layout.mesh.size > 1 else None
+    return loss, g_head, _Reverse(cfg, batch.input_ids, positions, mask, hs, dh_L, sharded)
+
+
 def fused_step(
     cfg: LlamaConfig,
     rule: UpdateRule,
@@ -300,14 +332,7 @@ def fused_step(
     With a `layout` the state is sharded across its mesh (see lomo_jax.sharding). 16-bit weights
     are rounded stochastically from (seed, step) or to `nearest` (lomo_jax.rounding)."""
     params = state.params
-    positions, mask = batch_inputs(batch)
-
-    h_0 = embed(cfg, params["embed"], batch.input_ids)
-    h_L, hs = decoder_layers(cfg, params["layers"], h_0, positions, mask, keep_inputs=True)
-    # Gradients of loss * scale (scale = 1 unless float16).
-    loss, g_head, dh_L = head_loss_and_grads(
-        cfg, _head_params(cfg, params), h_L, batch.labels, state.scale.scale
-    )
+    loss, g_head, rev = _forward(cfg, params, batch, state.scale.scale, layout)
     sc = StepScalars(
         lr=schedule(state.step),
         t=state.step + 1,
@@ -316,20 +341,13 @@ def fused_step(
         key=step_key(rounding, seed, state.step),
     )
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
-    # The reverse pass shards its gradients over a mesh of several devices; on one device it
-    # orders the stages' updates and pins their layout (what no mesh would do there either).
-    sharded = layout if layout is not None and layout.mesh.size > 1 else None
     finite = jnp.bool_(True)
     if rule.clip_grad_norm is not None or loss_scale is not None:
-        sumsq, finite = _fused_backward(
-            cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, True, sharded
-        )
+        sumsq, finite = _measure_pass(rev, params, g_head, sc)
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
-    new_params, new_state = _fused_backward(
-        cfg, rule, params, state.opt_state, batch, hs, dh_L, g_head, sc, False, sharded
-    )
+    new_params, new_state = _update_pass(rev, rule, params, state.opt_state, g_head, sc)
     scale = state.scale
     if loss_scale is not None:
         # An overflow skips the whole step: every tensor keeps its old value, bit for bit.

@@ -26,7 +26,7 @@ from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokeni
 from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
-from lomo_jax.pretrained import from_pretrained, read_weights
+from lomo_jax.pretrained import LlamaModel, from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
 from lomo_jax.rundir import RunDir
@@ -308,7 +308,7 @@ def train(
         state = run.load_latest(like, layout) if restart else layout.on_mesh(init(params))
         del params  # the state holds the weights from here
         after_phase("loaded")
-        return _loop(c, run, model, state, step_fn, rows, eval_rows, layout)
+        return _Loop(c, run, model, step_fn, rows, eval_rows, layout, state).train()
 
 
 def _compile(step_fn: Callable, like: TrainState, batch: Any) -> Callable:
@@ -325,81 +325,127 @@ def _stop_requested() -> int | None:
     return any_process(interrupt.requested() or 0) or None
 
 
-def _loop(c: TrainConfig, run: RunDir, model, state, step_fn, rows, eval_rows, layout):
-    cfg = model.config
-    start = int(state.step)
-    history = run.history_until(start)  # keep the curve up to the checkpoint
-    saved = start  # the step of the newest checkpoint on disk (or the start)
+@dataclasses.dataclass
+class _Loop:
+    """A run's steps from its state to `c.steps`, its jobs in parts: a step, what follows one
+    (metrics, validation, checkpoints), a stop on request, and the finish (the last validation
+    and checkpoint, the model, the loss plot)."""
 
-    def record(m: dict) -> None:
-        history.append(m)
-        run.record(m)
+    c: TrainConfig
+    run: RunDir
+    model: LlamaModel
+    step_fn: Callable
+    rows: Rows
+    eval_rows: Rows | None
+    layout: Layout
+    state: TrainState
+    history: list[dict] = dataclasses.field(default_factory=list)
+    saved: int = 0  # the step of the newest checkpoint on disk (or the start)
 
-    def evaluate(step: int) -> None:
-        r = evaluate_loss(cfg, state.params, eval_rows, c.batch_size, layout)
-        log.info("step %d  validation loss %.4f  perplexity %.3f", step, r["loss"], r["perplexity"])
-        record({"step": step, "eval_loss": r["loss"], "eval_perplexity": r["perplexity"]})
-
-    t_start = time.perf_counter()
-    bar = ProgressBar(c.steps, start) if sys.stderr.isatty() else None
-    try:
-        for step in range(start, c.steps):
-            if signum := _stop_requested():
-                if bar:
-                    bar.close()
-                kept = (
-                    f"saved {run.save_state(state, c.keep_checkpoints)}"
-                    if step > saved
-                    else f"nothing new to save, the last checkpoint is untouched ({run.kept()})"
+    def train(self) -> list[dict]:
+        """Steps on to `c.steps`, then finishes; -> the run's metrics. A write that fails (a full
+        disk, a file system gone read-only) stops the run with the checkpoint left intact."""
+        start = int(self.state.step)
+        self.history = self.run.history_until(start)  # keep the curve up to the checkpoint
+        self.saved = start
+        bar = ProgressBar(self.c.steps, start) if sys.stderr.isatty() else None
+        try:
+            t_start = time.perf_counter()
+            for step in range(start, self.c.steps):
+                if signum := _stop_requested():
+                    if bar:
+                        bar.close()
+                    raise self._stopped(signum, step)
+                m = self._step(step)
+                eta = (
+                    (time.perf_counter() - t_start) / (step + 1 - start) * (self.c.steps - step - 1)
                 )
-                raise interrupt.Interrupted(
-                    signum, f"at step {step}: {kept}; lomo-jax train --resume {run.path} goes on"
-                )
-            b = _rows_of_step(c, rows, step)
-            t0 = time.perf_counter()
-            new_state, m = step_fn(state, layout.put_batch(b.batch()))
-            m = {k: float(v) for k, v in m.items()}  # waits for the step
-            if not np.isfinite(m["loss"]) and c.dtype != "float16":
-                raise NonFiniteError(
-                    f"loss is {m['loss']} at step {step + 1}; stopped, the last checkpoint is "
-                    f"untouched ({run.kept()})"
-                )
-            state = new_state
-            dt = time.perf_counter() - t0
-            eta = (time.perf_counter() - t_start) / (step + 1 - start) * (c.steps - step - 1)
-            m.update(
-                step=step + 1,
-                tokens_per_s=b.input_ids.size / dt,
-                peak_memory_bytes=peak_memory_bytes(),
-            )
-            record(m)
-            line = (
-                f"loss {m['loss']:.4f}  lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
-                f"peak mem {m['peak_memory_bytes'] / 1e9:.2f} GB"
-            )
+                self._show(m, bar, eta)
+                self._after_step(step + 1)
             if bar:
-                bar.update(step + 1, line)
-            else:
-                log.info("step %d/%d  %s  eta %.0fs", step + 1, c.steps, line, eta)
-            if eval_rows is not None and c.eval_every and (step + 1) % c.eval_every == 0:
-                evaluate(step + 1)
-            if c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
-                run.save_state(state, c.keep_checkpoints)
-                saved = step + 1
+                bar.close()
+            self._finish()
+        except OSError as e:  # a full disk, a file system gone read-only, ...
+            where = f"{e.filename}: " if e.filename else ""
+            raise TrainingStopped(
+                f"{where}{e.strerror or e}; stopped at step {int(self.state.step)}, the last "
+                f"checkpoint is untouched ({self.run.kept()})"
+            ) from e
+        log.info("saved the model in %s (loss plot: %s)", self.run.path, self.run.path / "loss.png")
+        return self.history
+
+    def _step(self, step: int) -> dict:
+        """One optimizer step (the one after `step` taken) -> its metrics; a loss that is not
+        finite (float16's overflows aside: the step skips them) stops the run, unsaved."""
+        b = _rows_of_step(self.c, self.rows, step)
+        t0 = time.perf_counter()
+        new_state, m = self.step_fn(self.state, self.layout.put_batch(b.batch()))
+        m = {k: float(v) for k, v in m.items()}  # waits for the step
+        if not np.isfinite(m["loss"]) and self.c.dtype != "float16":
+            raise NonFiniteError(
+                f"loss is {m['loss']} at step {step + 1}; stopped, the last checkpoint is "
+                f"untouched ({self.run.kept()})"
+            )
+        self.state = new_state
+        dt = time.perf_counter() - t0
+        m.update(
+            step=step + 1, tokens_per_s=b.input_ids.size / dt, peak_memory_bytes=peak_memory_bytes()
+        )
+        self._record(m)
+        return m
+
+    def _show(self, m: dict, bar: ProgressBar | None, eta: float) -> None:
+        line = (
+            f"loss {m['loss']:.4f}  lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
+            f"peak mem {m['peak_memory_bytes'] / 1e9:.2f} GB"
+        )
         if bar:
-            bar.close()
-        if eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
-            evaluate(c.steps)
-        run.save_state(state, c.keep_checkpoints)  # the final step is always saved
-        files = model.tokenizer.files if model.tokenizer else ()
-        checkpoint.write_model(run.path, cfg, state.params, files)
+            bar.update(m["step"], line)
+        else:
+            log.info("step %d/%d  %s  eta %.0fs", m["step"], self.c.steps, line, eta)
+
+    def _after_step(self, step: int) -> None:
+        """Validation and a checkpoint when `step` is due for them (the last step's are the
+        finish's)."""
+        c = self.c
+        if self.eval_rows is not None and c.eval_every and step % c.eval_every == 0:
+            self._evaluate(step)
+        if c.save_every and step % c.save_every == 0 and step < c.steps:
+            self._save()
+
+    def _stopped(self, signum: int, step: int) -> interrupt.Interrupted:
+        """A stop asked for by a signal before step `step`: the state saved unless the newest
+        checkpoint already holds it."""
+        kept = (
+            f"saved {self._save()}"
+            if step > self.saved
+            else f"nothing new to save, the last checkpoint is untouched ({self.run.kept()})"
+        )
+        return interrupt.Interrupted(
+            signum, f"at step {step}: {kept}; lomo-jax train --resume {self.run.path} goes on"
+        )
+
+    def _finish(self) -> None:
+        c = self.c
+        if self.eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
+            self._evaluate(c.steps)
+        self._save()  # the final step is always saved
+        files = self.model.tokenizer.files if self.model.tokenizer else ()
+        checkpoint.write_model(self.run.path, self.model.config, self.state.params, files)
         if is_primary():
-            plot_losses(run.path / "loss.png", {"": history})
-    except OSError as e:  # a full disk, a file system gone read-only, ...
-        where = f"{e.filename}: " if e.filename else ""
-        raise TrainingStopped(
-            f"{where}{e.strerror or e}; stopped at step {int(state.step)}, the last checkpoint "
-            f"is untouched ({run.kept()})"
-        ) from e
-    log.info("saved the model in %s (loss plot: %s)", run.path, run.path / "loss.png")
-    return history
+            plot_losses(self.run.path / "loss.png", {"": self.history})
+
+    def _save(self) -> Path:
+        saved = self.run.save_state(self.state, self.c.keep_checkpoints)
+        self.saved = int(self.state.step)
+        return saved
+
+    def _evaluate(self, step: int) -> None:
+        cfg, c = self.model.config, self.c
+        r = evaluate_loss(cfg, self.state.params, self.eval_rows, c.batch_size, self.layout)
+        log.info("step %d  validation loss %.4f  perplexity %.3f", step, r["loss"], r["perplexity"])
+        self._record({"step": step, "eval_loss": r["loss"], "eval_perplexity": r["perplexity"]})
+
+    def _record(self, m: dict) -> None:
+        self.history.append(m)
+        self.run.record(m)

@@ -30,12 +30,10 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "hf", CFG)
     rows = random_ids(CFG, 8, 16, seed=3)
     data = write_rows(tmp_path / "data.jsonl", rows)
-    args = [
-        "train",
-        "--model",
-        str(src),
-        "--data",
-        str(data),
+    args = train_args(
+        src,
+        data,
+        tmp_path / "ckpt",
         "--optimizer",
         "adalomo",
         "--lr",
@@ -55,9 +53,7 @@ def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
         "--clip-grad-norm",
         "1.0",
         "--no-shuffle",
-        "--out",
-        str(tmp_path / "ckpt"),
-    ]
+    )
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "step 3/3" in err and "tok/s" in err and "peak mem" in err
@@ -122,22 +118,8 @@ def test_train_cli_accumulates_gradients(tmp_path):
 def test_train_cli_bad_input(tmp_path, capsys, extra, message):
     src = make_hf_dir(tmp_path / "hf", CFG)
     data = write_rows(tmp_path / "data.jsonl", random_ids(CFG, 4, 16))
-    args = [
-        "train",
-        "--model",
-        str(src),
-        "--data",
-        str(data),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--out",
-        str(tmp_path / "ckpt"),
-        *extra,
-    ]
+    flags = ["--steps", "1", "--batch-size", "2", "--seq-len", "16", *extra]
+    args = train_args(src, data, tmp_path / "ckpt", *flags)
     if "--seq-len" in extra:
         args = args[: args.index("--seq-len")] + args[args.index("--seq-len") + 2 :]
     assert main(args) == 1
