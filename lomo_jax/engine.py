@@ -7,10 +7,10 @@ JAX has no backward hooks, so the backward pass is written out:
 2. head: loss and gradients of final norm + lm_head over vocabulary pieces
    (`loss.head_loss_and_grads`), so the [B, T, V] logits never exist; the head is updated at
    once;
-3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, one step of
+3. reverse scan i = L-1..0: recompute layer i from h_i under `jax.vjp`, one stage of
    `model.LAYER_BLOCKS` at a time (a norm, or the projections reading one input); walking the
-   steps back, update each step's weights and optimizer state in the carried (donated) stacks
-   before the next step's gradients are computed; pass dh_i down;
+   stages back, update each stage's weights and optimizer state in the carried (donated) stacks
+   before the next stage's gradients are computed; pass dh_i down;
 4. embedding: the gradient is dh_0 summed per token id into its rows (plus the head's gradient
    when the table is tied: one update with the sum).
 
@@ -20,11 +20,11 @@ bfloat16); the rules do their arithmetic in float32.
 Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
 layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
 global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
-paper does; only one step's gradients are alive at a time in either pass.
+paper does; only one stage's gradients are alive at a time in either pass.
 
 Copies: XLA updates a stack in place (dynamic_update_slice into the donated carry) only when it
 can prove every read of layer i's weights happens before the write; `_depends_on` adds the data
-edges that prove it (and the edges that make each step wait for the update above it, or XLA
+edges that prove it (and the edges that make each stage wait for the update above it, or XLA
 would compute every weight gradient of the layer first and hold them all).
 tests/test_engine_memory.py fails if a copy of a stack comes back.
 """
@@ -45,7 +45,7 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
-from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_step
+from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_stage
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
@@ -54,7 +54,7 @@ from lomo_jax.optim import (
     init_state,
     map_rule,
 )
-from lomo_jax.parameters import step_weights
+from lomo_jax.parameters import stage_weights
 from lomo_jax.rounding import step_key
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import Layout
@@ -156,22 +156,22 @@ class _Reverse(NamedTuple):
 
 
 def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
-    """Layer i's backward, block by block (`model.LAYER_BLOCKS`; a step's weights are the rows
+    """Layer i's backward, block by block (`model.LAYER_BLOCKS`; a stage's weights are the rows
     of `parameters.TABLE` that name it), the last block first: each block is recomputed under
-    `jax.vjp` from its input once the block above is done, one step at a time; walking its steps
-    back, each step's gradients go to `consume(acc, i, weights, grads) -> (acc, done)` as soon
-    as they exist, so at most one step's gradients and one block's activations are alive; the
-    steps below wait for `done`. -> (acc, dh below).
+    `jax.vjp` from its input once the block above is done, one stage at a time; walking its
+    stages back, each stage's gradients go to `consume(acc, i, weights, grads) -> (acc, done)`
+    as soon as they exist, so at most one stage's gradients and one block's activations are
+    alive; the stages below wait for `done`. -> (acc, dh below).
 
     `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
     touches only the device's slice."""
     cfg, positions, mask = rev.cfg, rev.positions, rev.mask
 
-    def weights(step, after):
+    def weights(stage, after):
         # Sliced anew after `after`: one slice shared with the forward would stay alive between.
         j = _index_after(i, after)
-        wanted = step_weights(step)
+        wanted = stage_weights(stage)
         return {k: w[j] for k, w in stacks.items() if k in wanted}
 
     # Each block's input (a plain forward of the blocks before it: its activations are not kept).
@@ -179,21 +179,21 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     for block in LAYER_BLOCKS[:-1]:
         xs = inputs[-1]
         for name in block:
-            xs = layer_step(cfg, name, positions, mask)(unflatten_dict(weights(name, h_i)), xs)
+            xs = layer_stage(cfg, name, positions, mask)(unflatten_dict(weights(name, h_i)), xs)
         inputs.append(xs)
     dxs = (dh,)
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
         for name in block:
             p = weights(name, dxs)
-            xs, vjp = jax.vjp(layer_step(cfg, name, positions, mask), unflatten_dict(p), xs)
+            xs, vjp = jax.vjp(layer_stage(cfg, name, positions, mask), unflatten_dict(p), xs)
             tape.append((p, vjp))
         for p, vjp in reversed(tape):
             g, dxs = vjp(dxs)
             if rev.layout is not None:
                 g = jax.lax.with_sharding_constraint(g, rev.layout.layer(g))
-            # dxs reads every weight of the step (the in-place writes must come after the
-            # reads), and the steps below wait for this one's update: its gradients die here.
+            # dxs reads every weight of the stage (the in-place writes must come after the
+            # reads), and the stages below wait for this one's update: its gradients die here.
             acc, done = consume(acc, i, p, _depends_on(flatten_dict(g), dxs))
             dxs = _depends_on(dxs, done)
     return acc, dxs[0]
@@ -206,7 +206,7 @@ def _index_after(i: jax.Array, deps) -> jax.Array:
 
 
 def _reverse_layers(rev: _Reverse, consume, acc, stacks_of, dh_L):
-    """The layers' backward from the last to the first (`lax.scan`), each handing its steps'
+    """The layers' backward from the last to the first (`lax.scan`), each handing its stages'
     gradients to `consume`; `stacks_of(acc)` are the stacked weights to recompute from (the
     carried ones while they are being updated). -> (acc, the cotangent of the embedding's
     output)."""
@@ -233,19 +233,19 @@ def _measure_pass(rev: _Reverse, params, g_head: dict, sc: StepScalars):
     g_head, g_tied = _untie(g_head)
     p_stacks = flatten_dict(params["layers"])
 
-    def measure_step(acc, i, p, g):
+    def measure_stage(acc, i, p, g):
         sumsq, ok = acc
         sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
         return (sumsq, ok & all_finite(g)), sumsq
 
     acc = (global_norm_sq(g_head, sc.loss_scale), all_finite(g_head))
-    (sumsq, finite), dh_0 = _reverse_layers(rev, measure_step, acc, lambda _: p_stacks, rev.dh_L)
+    (sumsq, finite), dh_0 = _reverse_layers(rev, measure_stage, acc, lambda _: p_stacks, rev.dh_L)
     g_emb = rev.embedding_grad(params["embed"]["embedding"], dh_0, g_tied)
     return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & all_finite(g_emb)
 
 
 def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dict, sc):
-    """The reverse pass that updates: the head at once, each step of each layer as its
+    """The reverse pass that updates: the head at once, each stage of each layer as its
     gradients appear (in place, in the carried stacks), the embedding last. -> (params, state)"""
     g_head, g_tied = _untie(g_head)
     new_params, new_state = dict(params), dict(opt_state)
@@ -255,7 +255,7 @@ def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dic
     # would be kept alive through the whole reverse scan.
     dh_L = _depends_on(rev.dh_L, [new_params[k] for k in g_head])
 
-    def update_step(acc, i, p, g):
+    def update_stage(acc, i, p, g):
         put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
         p_stacks, s_stacks = acc
         s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
@@ -268,7 +268,7 @@ def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dic
         s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
         # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA turns a
         # read of an updated [L, D] stack into a read of the old one (a copy). Sharded, the read
-        # would gather the stack (a partial slice of a split axis): the steps are left unordered
+        # would gather the stack (a partial slice of a split axis): the stages are left unordered
         # there, as each device holds only its share anyway.
         if rev.layout is not None:
             return (p_stacks, s_stacks), []
@@ -278,7 +278,7 @@ def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dic
     p_stacks = flatten_dict(params["layers"])
     s_stacks = flatten_dict(opt_state["layers"], is_leaf=lambda path, _: path in p_stacks)
     stacks = (p_stacks, s_stacks)
-    (p_stacks, s_stacks), dh_0 = _reverse_layers(rev, update_step, stacks, lambda a: a[0], dh_L)
+    (p_stacks, s_stacks), dh_0 = _reverse_layers(rev, update_stage, stacks, lambda a: a[0], dh_L)
     new_params["layers"], new_state["layers"] = unflatten_dict(p_stacks), unflatten_dict(s_stacks)
     g_emb = {"embedding": rev.embedding_grad(params["embed"]["embedding"], dh_0, g_tied)}
     new_params["embed"], new_state["embed"] = map_rule(
@@ -311,7 +311,7 @@ def _forward(cfg: LlamaConfig, params, batch: Batch, scale: jax.Array, layout: L
         cfg, _head_params(cfg, params), h_L, batch.labels, scale
     )
     # The reverse pass shards its gradients over a mesh of several devices; on one device it
-    # orders the steps' updates and pins their layout (what no mesh would do there either).
+    # orders the stages' updates and pins their layout (what no mesh would do there either).
     sharded = layout if layout is not None and layout.mesh.size > 1 else None
     return loss, g_head, _Reverse(cfg, batch.input_ids, positions, mask, hs, dh_L, sharded)
 

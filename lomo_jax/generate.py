@@ -50,7 +50,7 @@ def _sample(logits_BV, key, temperature: float, top_p: float):
 
 
 @functools.partial(jit, static_argnums=(0, 4, 5), donate_argnums=(3,))
-def _step(cfg, params, ids_BT, cache, temperature, top_p, index, key):
+def _next_token(cfg, params, ids_BT, cache, temperature, top_p, index, key):
     logits_BV, cache = _run_layers(cfg, params, ids_BT, cache, index)
     return _sample(logits_BV, key, temperature, top_p), cache
 
@@ -87,7 +87,7 @@ def generate(
     ids_BT, index = jnp.asarray(prompt_BT), 0
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        next_B, cache = _step(
+        next_B, cache = _next_token(
             cfg, params, ids_BT, cache, float(temperature), float(top_p), jnp.int32(index), sub
         )
         index += ids_BT.shape[1]

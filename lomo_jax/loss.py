@@ -1,6 +1,6 @@
 """The training objective: the batch the steps consume and the next-token cross-entropy.
 
-Every step -- fused, `jax.grad` + optax, evaluation -- scores the same `Batch` with these
+Every training step (fused, `jax.grad` + optax) and evaluation score the same `Batch` with these
 functions, so their losses agree by construction.
 """
 

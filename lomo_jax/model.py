@@ -180,7 +180,7 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Two residual blocks, attention then MLP, each behind its own RMSNorm, written as six
-    steps (see LAYER_BLOCKS): a norm, or the projections that read the same input."""
+    stages (see LAYER_BLOCKS): a norm, or the projections that read the same input."""
 
     cfg: LlamaConfig
 
@@ -221,20 +221,20 @@ class DecoderLayer(nn.Module):
         return h_BTD, cache
 
 
-# The decoder layer as two blocks of steps. A step is a method of DecoderLayer mapping the
-# previous step's outputs (and positions, mask) to its own; the weights it reads are the rows of
+# The decoder layer as two blocks of stages. A stage is a method of DecoderLayer mapping the
+# previous stage's outputs (and positions, mask) to its own; the weights it reads are the rows of
 # lomo_jax.parameters.TABLE that name it. Composed they are the layer. The fused engine recomputes
-# one block at a time in the backward (the MLP first, then attention) and takes one vjp per step,
-# updating each step's weights before going on, so at most one step's gradients and one block's
-# activations exist.
+# one block at a time in the backward (the MLP first, then attention) and takes one vjp per
+# stage, updating each stage's weights before going on, so at most one stage's gradients and one
+# block's activations exist.
 LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
     ("attention_norm", "attention_in", "attention_out"),
     ("mlp_norm", "mlp_in", "mlp_out"),
 )
 
 
-def layer_step(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask: Mask):
-    """Step `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
+def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask: Mask):
+    """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
         {"params": p}, *xs, positions_BT, mask, method=method

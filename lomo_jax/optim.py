@@ -122,10 +122,10 @@ class AdaLomo:
         g = prepare_grad(g, sc, self.clip_grad_value)
         v = beta * s["v"] + (1.0 - beta) * (g * g + self.eps1)
         u = jax.lax.rsqrt(v) * g
-        w = self._step(p, u, _rms(u), _rms(p.astype(jnp.float32)), sc.lr)
+        w = self._new_weights(p, u, _rms(u), _rms(p.astype(jnp.float32)), sc.lr)
         return round_to(w, p.dtype, key), {"v": v}
 
-    def _step(self, p, u, rms_u, rms_w, lr):
+    def _new_weights(self, p, u, rms_u, rms_w, lr):
         """The elementwise end of the update, float32: clipped u, scaled by the weight's RMS."""
         u = u / jnp.maximum(1.0, rms_u / self.clip_threshold)
         w = p.astype(jnp.float32)
@@ -180,7 +180,7 @@ class AdaLomo:
 
         def write(w, j):  # in place: a block reads only columns no block has written yet
             old = cols(w, j)
-            new = self._step(old, u(j), rms_u, rms_w, sc.lr)
+            new = self._new_weights(old, u(j), rms_u, rms_w, sc.lr)
             new = round_to(new, p.dtype, key, (0, blocks.start(j, bn, n)), (m, n))
             return blocks.put(w, jnp.where(blocks.own(j, bn, n), new, old), j, 1), None
 

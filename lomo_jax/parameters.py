@@ -1,9 +1,9 @@
 """The parameter tree as one table: where each tensor sits in the lomo-jax tree, its Hugging Face
-name, its logical axes, whether it is stacked per layer, which step of the decoder layer reads
+name, its logical axes, whether it is stacked per layer, which stage of the decoder layer reads
 it, and when a model has it.
 
 The converters (`convert.layout`), the sharding rules (`sharding.param_axes`), the optimizer's
-per-layer state (`optim`) and the fused engine's per-step weights (`engine`) all read this table;
+per-layer state (`optim`) and the fused engine's per-stage weights (`engine`) all read this table;
 tests/test_families.py checks it against the tree the Flax model creates for every family, so
 the two cannot drift. A new tensor is one row here plus the module that creates it.
 
@@ -27,7 +27,7 @@ class Param:
     name: str  # dotted path in the lomo-jax tree; per-layer tensors sit under `layers`
     hf_name: str  # the Hugging Face name; {i} is the layer index
     axes: tuple[str, ...]  # logical axes (without the layer axis of a stacked tensor)
-    step: str | None = None  # the step of model.LAYER_BLOCKS that reads it (per-layer only)
+    stage: str | None = None  # the stage of model.LAYER_BLOCKS that reads it (per-layer only)
     when: str | None = None  # a config attribute that must hold ("not x": must not); None: always
 
     @property
@@ -75,11 +75,11 @@ def axis_sizes(cfg: LlamaConfig) -> dict[str, int]:
 
 _L = "model.layers.{i}."
 # One row per line (the file is exempt from the line length): path, Hugging Face name, logical
-# axes, the layer step that reads it, the config attribute it exists under.
+# axes, the layer stage that reads it, the config attribute it exists under.
 # fmt: off
 TABLE: tuple[Param, ...] = (
     Param("embed.embedding", "model.embed_tokens.weight", ("vocab", "embed")),
-    # decoder layer i, in the order its steps read them
+    # decoder layer i, in the order its stages read them
     Param("layers.input_layernorm.weight", _L + "input_layernorm.weight", ("norm",), "attention_norm"),
     Param("layers.self_attn.q_proj.kernel", _L + "self_attn.q_proj.weight", ("embed", "heads"), "attention_in"),
     Param("layers.self_attn.q_proj.bias", _L + "self_attn.q_proj.bias", ("heads",), "attention_in", "qkv_bias"),
@@ -111,9 +111,9 @@ def params_of(cfg: LlamaConfig) -> list[Param]:
     return [p for p in TABLE if p.exists(cfg)]
 
 
-def step_weights(step: str) -> tuple[tuple[str, ...], ...]:
-    """Paths inside one layer (no `layers` prefix) of the weights that `step` reads."""
-    return tuple(p.path[1:] for p in TABLE if p.step == step)
+def stage_weights(stage: str) -> tuple[tuple[str, ...], ...]:
+    """Paths inside one layer (no `layers` prefix) of the weights that `stage` reads."""
+    return tuple(p.path[1:] for p in TABLE if p.stage == stage)
 
 
 def leaf_name(path) -> str:

@@ -87,7 +87,7 @@ def _bf16_compiled(kind: str):
     """A small bfloat16 model's compiled fused step, evaluation forward or generation step."""
     import jax
 
-    from lomo_jax.generate import KVCache, _step
+    from lomo_jax.generate import KVCache, _next_token
     from lomo_jax.model import param_shapes
 
     cfg = config(8)
@@ -100,7 +100,7 @@ def _bf16_compiled(kind: str):
         jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
     )
-    return cfg, _step.lower(cfg, *args, 0.0, 1.0, *scalars).compile()
+    return cfg, _next_token.lower(cfg, *args, 0.0, 1.0, *scalars).compile()
 
 
 @pytest.mark.parametrize("kind", ["fused-adalomo", "inference", "generate"])

@@ -28,9 +28,9 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import fused_step, init_train_state
 from lomo_jax.generate import generate
 from lomo_jax.loss import Batch, batch_inputs
-from lomo_jax.model import LAYER_BLOCKS, decoder_layer, layer_step
+from lomo_jax.model import LAYER_BLOCKS, decoder_layer, layer_stage
 from lomo_jax.optim import AdaLomo
-from lomo_jax.parameters import LAYERS, TABLE, params_of, step_weights
+from lomo_jax.parameters import LAYERS, TABLE, params_of, stage_weights
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import RULES, Layout
 from lomo_jax.tokenizer import TokenizerError
@@ -298,13 +298,13 @@ def test_empty_prompt_without_bos_is_refused(families):
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_table_is_the_tree_the_model_creates(hf_dirs, family):
     """parameters.TABLE names every leaf init_params (the Flax modules) creates, with its shape,
-    for the family's switches; every axis has a sharding rule, every layer row a step."""
+    for the family's switches; every axis has a sharding rule, every layer row a stage."""
     cfg = LlamaConfig.from_json_file(hf_dirs[family] / "config.json")
     created = jax.eval_shape(lambda: lomo_jax.init_params(cfg, jax.random.key(0)))
     shapes = {".".join(k): v.shape for k, v in flatten_dict(created).items()}
     assert shapes == {p.name: p.shape(cfg) for p in params_of(cfg)}
     assert all(a in RULES for p in TABLE for a in p.axes)
-    assert {p.step for p in TABLE if p.per_layer} == {s for block in LAYER_BLOCKS for s in block}
+    assert {p.stage for p in TABLE if p.per_layer} == {s for block in LAYER_BLOCKS for s in block}
 
 
 # Between them every optional row: q/k/v/o biases and q/k norms; q/k/v/o and MLP biases.
@@ -315,28 +315,28 @@ ALL_ROWS = {
 
 
 @pytest.mark.parametrize("name", list(ALL_ROWS))
-def test_each_layer_step_runs_on_its_rows_alone(name):
-    """Given only the weights whose rows name it, each step of LAYER_BLOCKS runs (Flax refuses
-    a step missing a weight it reads), and the steps chain into the layer's output. (That they
-    compute the layer is the fused step's test: it differentiates through the steps.)"""
+def test_each_layer_stage_runs_on_its_rows_alone(name):
+    """Given only the weights whose rows name it, each stage of LAYER_BLOCKS runs (Flax refuses
+    a stage missing a weight it reads), and the stages chain into the layer's output. (That they
+    compute the layer is the fused step's test: it differentiates through the stages.)"""
     cfg = ALL_ROWS[name]
     ids = random_ids(cfg, 1, 8)
     positions, mask = batch_inputs(Batch(ids, ids))
 
-    def steps_and_layer(key):
+    def stages_and_layer(key):
         layer = flatten_dict(lomo_jax.init_params(cfg, key)[LAYERS])
         layer = {k: v[0] for k, v in layer.items()}
         h = jax.random.normal(key, (1, 8, cfg.hidden_size))
         xs = (h,)
         for block in LAYER_BLOCKS:
-            for step in block:
-                weights = {k: layer[k] for k in step_weights(step) if k in layer}
-                xs = layer_step(cfg, step, positions, mask)(unflatten_dict(weights), xs)
+            for stage in block:
+                weights = {k: layer[k] for k in stage_weights(stage) if k in layer}
+                xs = layer_stage(cfg, stage, positions, mask)(unflatten_dict(weights), xs)
         return xs, decoder_layer(cfg, unflatten_dict(layer), h, positions, mask)
 
     # Traced only (no compile): a missing weight fails while tracing.
-    steps, layer = jax.eval_shape(steps_and_layer, jax.random.key(1))
-    assert len(steps) == 1 and steps[0].shape == layer.shape == (1, 8, cfg.hidden_size)
+    stages, layer = jax.eval_shape(stages_and_layer, jax.random.key(1))
+    assert len(stages) == 1 and stages[0].shape == layer.shape == (1, 8, cfg.hidden_size)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
