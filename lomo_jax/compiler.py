@@ -4,7 +4,7 @@ XLA:CPU computes bfloat16 and float16 arithmetic in float32: its float normaliza
 convert on the operand of every dynamic-slice that reads one layer out of a stacked weight. When
 the stack is loop-invariant (the forward's `lax.scan` over `params["layers"]`), the while-loop
 invariant code motion pass then hoists that convert out of the layer loop: a float32 copy of
-every whole stack, twice the bfloat16 weights (LLaMA-7B inference planned at 2.95 x params).
+every whole stack, twice the bfloat16 weights (README, Memory: the bfloat16 plans before it).
 Without the pass the convert stays fused into each layer's slice. Other backends compute in
 16 bits and keep their whole pipeline.
 """

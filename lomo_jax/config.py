@@ -206,10 +206,10 @@ class LlamaConfig:
     # ---- Hugging Face config.json ------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
         """Reads the keys the family's transformers class reads, with its defaults; refuses
         what the model does not implement."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
         model_type = d.get("model_type", "llama")
         family = family_of(model_type)
         act = d.get("hidden_act", "silu")

@@ -68,8 +68,17 @@ def init_train_state(
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
 ) -> TrainState:
-    """The step-0 state around `params`; with a `layout` (params already laid out on it), the
-    optimizer state is created in its shards, never whole on one device."""
+    """The step-0 state around `params` for the fused step.
+
+    Args:
+        rule: the update rule (`optim.Lomo`, `optim.AdaLomo`) whose state to create: AdaLomo's
+            float32 row and column factors per matrix (per layer for the stacked ones).
+        params: the weights (arrays, or abstract `jax.ShapeDtypeStruct`s under `jax.eval_shape`).
+        float16: start float16's dynamic loss scale (`loss_scale`'s, else the default's).
+        loss_scale: the scaler whose initial scale to start from.
+        layout: the mesh `params` are laid out on: the optimizer state is created in its shards,
+            never whole on one device.
+    """
 
     def rest(params):
         scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
@@ -290,7 +299,7 @@ def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dic
 def _row_major(x: jax.Array) -> jax.Array:
     """`x` laid out row-major, as the stacks are. XLA:GPU lays a weight gradient out as its
     matmul prefers (column-major), and an elementwise update (LOMO's) carried that layout into the
-    loop-carried stack: a transposed copy of every stack around the loop (LLaMA-7B: 4 GB)."""
+    loop-carried stack: a transposed copy of every stack around the loop (README, GPU plans)."""
     return xla_layout.with_layout_constraint(x, xla_layout.Layout(tuple(range(x.ndim))))
 
 
@@ -327,10 +336,25 @@ def fused_step(
     rounding: str = "stochastic",
     seed: int = 0,
 ):
-    """One fused training step -> (new state, metrics). Jit it with the state donated.
+    """One fused training step -> (new state, metrics); `make_fused_step` jits it.
 
-    With a `layout` the state is sharded across its mesh (see lomo_jax.sharding). 16-bit weights
-    are rounded stochastically from (seed, step) or to `nearest` (lomo_jax.rounding)."""
+    Args:
+        cfg: the model's config (static).
+        rule: the update rule: `optim.Lomo` or `optim.AdaLomo`, with its weight decay and
+            clipping (norm clipping costs a first reverse pass that measures the norm).
+        schedule: the learning rate as a function of the steps taken (`schedule.Schedule`).
+        state: params, optimizer state, steps taken and loss scale (`state.TrainState`).
+        batch: `loss.Batch` of [B, T] int32 arrays; labels -100 carry no loss.
+        loss_scale: float16's dynamic loss scaling: an overflow skips the step (every tensor
+            keeps its value) and halves the scale. None: no scaling.
+        layout: the mesh the state is sharded over (`sharding.Layout`); None: one device.
+        rounding: how 16-bit weights take their float32 update: `stochastic` (random bits from
+            `seed` and the step) or `nearest` (`lomo_jax.rounding`); no effect in float32.
+        seed: the stochastic rounding's seed.
+
+    Metrics: `loss`, `lr`, `loss_scale`; `grad_norm` with norm clipping or loss scaling;
+    `overflow` with loss scaling.
+    """
     params = state.params
     loss, g_head, rev = _forward(cfg, params, batch, state.scale.scale, layout)
     sc = StepScalars(
@@ -371,7 +395,9 @@ def make_fused_step(
     rounding: str = "stochastic",
     seed: int = 0,
 ):
-    """The jitted fused step, `(state, batch) -> (state, metrics)`, with the state donated."""
+    """`fused_step` jitted, `(state, batch) -> (state, metrics)`, with the state donated (its
+    buffers are updated in place: do not use the state passed in afterwards). The arguments are
+    `fused_step`'s; `lomo_jax.train_step.make_train_step` builds it from a run's options."""
     step = functools.partial(
         fused_step,
         cfg,

@@ -2,17 +2,16 @@
 
 On a machine whose RAM the weights nearly fill, memory a finished phase left resident is memory
 the step's own buffers cannot use, and how much of it a process keeps depends on its history:
-a fresh and a resumed run of the same LLaMA-7B step peaked 0.03 GB apart in one try, 0.17 GB
-in another. Three things kept it, all measured there:
+a fresh and a resumed run of the same LLaMA-7B step peaked apart by different amounts from one
+try to the next (README, LLaMA-7B on a 24 GB machine). Three things kept it, all measured there:
 - glibc's malloc keeps freed memory inside its heaps until asked for it back: compiling a
-  training step leaves about 0.4 GB there (LLVM's many small allocations), reading a checkpoint
-  host copies' worth;
+  training step leaves LLVM's many small allocations there, reading a checkpoint host copies'
+  worth;
 - its mmap threshold moves: after the first free of an mmapped block of up to 32 MiB, blocks
   that size come from the heap and stay there when freed, by an amount that depends on the
   order of earlier allocations;
-- the code pages the compiler ran (100-340 MB of library pages at the step, most of them XLA's)
-  stay mapped until the kernel needs the memory, which depends on what else the machine read
-  meanwhile.
+- the code pages the compiler ran (most of them XLA's) stay mapped until the kernel needs the
+  memory, which depends on what else the machine read meanwhile.
 `configure()` fixes the thresholds at the start; `release()` after each phase hands back the
 rest, leaving the step's peak to the step.
 """
@@ -28,8 +27,8 @@ MADV_PAGEOUT = 21  # Linux >= 5.4
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Blocks from 4 MiB up (every array worth counting) are mapped on their own and unmapped when
 # freed; below it, the 1 MiB blocks XLA:CPU's matrix products allocate and free by the thousand
-# per step stay in the heap (a threshold of 128 KiB made them system calls: a [256, 4096] x
-# [4096, 11008] product took 0.30 s instead of 0.20). The heap is trimmed only once 64 MiB are
+# per step stay in the heap (a threshold of 128 KiB made them system calls, and the products
+# slower: docs/measurements.md). The heap is trimmed only once 64 MiB are
 # free at its top: with the thresholds fixed, glibc's default of 128 KiB would shrink the heap
 # and grow it again around each of those blocks.
 MMAP_THRESHOLD_BYTES = 4 * 2**20

@@ -1,5 +1,6 @@
 """LOMO and AdaLomo as per-tensor update rules over pytrees, with the exact semantics of the
-paper authors' `lomo-optim` 0.1.1 (see ../shared/DESIGN.md section 3).
+paper authors' `lomo-optim` 0.1.1 (Lv et al., arXiv 2306.09782 and 2310.10195; the PyPI package
+`lomo-optim`, which tests/test_engine.py compares against).
 
 A rule sees one tensor at a time -- (param, float32 gradient, its state) -- which is what lets the
 fused engine apply it inside the reverse layer scan; `apply_updates` drives the same rules over a
@@ -37,6 +38,9 @@ class StepScalars(NamedTuple):
 
 
 class UpdateRule(Protocol):
+    """A per-tensor update rule (`Lomo`, `AdaLomo`): what the fused step applies inside its
+    reverse scan and `apply_updates` applies to a whole gradient tree."""
+
     clip_grad_norm: float | None
     clip_grad_value: float | None
 
@@ -68,7 +72,13 @@ def prepare_grad(g: jax.Array, sc: StepScalars, clip_grad_value: float | None) -
 
 @dataclasses.dataclass(frozen=True)
 class Lomo:
-    """Fused SGD: w <- w * (1 - lr * wd) - lr * g."""
+    """LOMO, fused SGD: w <- w * (1 - lr * weight_decay) - lr * g, with no state.
+
+    weight_decay: decoupled, times the learning rate (lomo-optim's).
+    clip_grad_norm: scale every gradient by min(1, max_norm / (global norm + 1e-6)); the fused
+        step measures the norm in a first reverse pass. None: no clipping.
+    clip_grad_value: clip each gradient element to [-v, v] first. None: no clipping.
+    """
 
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
@@ -90,8 +100,18 @@ class Lomo:
 
 @dataclasses.dataclass(frozen=True)
 class AdaLomo:
-    """Adafactor-style second moments (factored for matrices), update-RMS clipping, and a step
-    scaled by the parameter's RMS. Tensors of more than two dimensions are stacked matrices."""
+    """AdaLomo: Adafactor-style second moments (factored for matrices), update-RMS clipping, and
+    an update scaled by the parameter's RMS. Tensors of more than two dimensions are stacked
+    matrices. Its state is float32: a row and a column factor per matrix, a vector otherwise.
+
+    weight_decay: decoupled, times the RMS-scaled learning rate (AdaLomo's).
+    clip_grad_norm, clip_grad_value: as `Lomo`'s.
+    eps1: added to g^2 before the moments; eps2: the smallest weight RMS the update scales by.
+    clip_threshold: the update's RMS is clipped to it.
+    decay_rate: the moments' decay is 1 - t ** decay_rate at step t (t = 1 first).
+    block_bytes: a matrix's update walks its columns in blocks of at most this many bytes of
+        float32 intermediates (`lomo_jax.blocks`); the result does not depend on it.
+    """
 
     weight_decay: float = 0.0
     clip_grad_norm: float | None = None
@@ -139,9 +159,9 @@ class AdaLomo:
         column means of g^2 and the weight's RMS, then the update's RMS, then the new weights,
         each pass reading one block at a time.
 
-        The four reductions feed the elementwise step, and XLA:CPU materializes every full-size
-        float32 intermediate that feeds more than one of them (the LLaMA-7B head: 2 x 500 MB
-        beside a 250 MB bfloat16 gradient); over blocks each is one block. Columns, because the
+        The four reductions feed the elementwise update, and XLA:CPU materializes every
+        full-size float32 intermediate that feeds more than one of them (docs/measurements.md);
+        over blocks each is one block of `block_bytes`. Columns, because the
         sharding rules split a matrix along its first axis. A block's rounding bits are those of
         its place in the whole matrix, so the blocking never changes the result."""
         m, n = p.shape
@@ -240,7 +260,15 @@ def map_rule(
 
 def apply_updates(rule: UpdateRule, params: dict, grads: dict, state: dict, sc: StepScalars):
     """The unfused path: one update of a whole tree from a full gradient tree (from `jax.grad`),
-    with the same rounding keys as the fused engine's."""
+    with the same rounding keys as the fused engine's. -> (params, state)
+
+    Args:
+        rule: the update rule.
+        params, grads: the weights and their gradients (same tree; stacked layers vmapped).
+        state: `init_state(rule, params)` or what the last update returned.
+        sc: this step's scalars: learning rate, AdaLomo's t, the norm-clipping coefficient
+            (`clip_coefficient`), the loss scale, and the rounding key (`rounding.step_key`).
+    """
 
     def update(name, layer, p, g, s):
         return rule.update(p, g, s, sc, _key(sc, name, layer))

@@ -12,7 +12,7 @@ step, tensor name, layer), and its bits are threefry2x32 of (key, flat index) --
 JAX 0.5), written as elementwise integer ops. They depend only on an element's index in the
 whole tensor, never on how it is sharded, and XLA fuses them into the update; jax.random.bits
 itself lowers on XLA:CPU to a rolled loop that materializes five uint32 buffers of the tensor's
-size (900 MB for one LLaMA-7B MLP slice). A resumed run recomputes the same bits from its step.
+size (docs/measurements.md). A resumed run recomputes the same bits from its step.
 """
 
 from __future__ import annotations

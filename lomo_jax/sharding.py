@@ -7,9 +7,8 @@ one layer at a time inside the scan). A dimension that a mesh axis does not divi
 
 Every matrix is split along its first axis that fsdp divides. Split along its last axis, a
 stacked weight got another memory layout for XLA's collectives, and XLA copied the whole stack
-inside the layer loop (LLaMA-65B on 8 devices: 1.54 x the parameters instead of 1.05 x); a
-Megatron-style `tensor` axis (heads / MLP split on the output axis) hit the same copies (1.64 x),
-so there is none.
+inside the layer loop; a Megatron-style `tensor` axis (heads / MLP split on the output axis) hit
+the same copies, so there is none (README, Memory: the plans that showed it).
 """
 
 from __future__ import annotations
