@@ -60,6 +60,14 @@ CONFIGS = {
 }
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: whole training runs, several processes, LLaMA-7B-sized plans; "
+        '`pytest -m "not slow"` leaves them out (make test runs everything)',
+    )
+
+
 def data_path(*parts: str) -> Path:
     p = DATA.joinpath(*parts)
     if not p.exists():

@@ -145,6 +145,7 @@ def test_auto_chooses_dense_for_one_block_and_blockwise_beyond():
         assert attention.choose(half, half, Mask(), 512, 512) == "blockwise"
 
 
+@pytest.mark.slow
 def test_fused_lomo_on_blockwise_attention_equals_jax_grad_sgd_on_dense():
     """Blocks of 16 over 40 tokens (three query blocks, the last padded), causal skipping, packed
     segments and padding; the fused step's recompute under jax.vjp runs the custom vjp."""
@@ -162,6 +163,7 @@ def test_fused_lomo_on_blockwise_attention_equals_jax_grad_sgd_on_dense():
     assert_trees_close(state.params, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_generation_on_blockwise_attention_matches_dense():
     """Prefill (5 queries against 11 cache slots, blocks of 4) and decoding through the
     blockwise path pick the dense path's tokens."""

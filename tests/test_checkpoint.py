@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lomo_jax
 from lomo_jax.checkpoint import read_params, write_params
@@ -13,6 +14,7 @@ from lomo_jax.schedule import Schedule
 from tests.conftest import CONFIGS, random_ids
 
 
+@pytest.mark.slow
 def test_adalomo_state_and_bfloat16_params_round_trip(tmp_path):
     cfg = CONFIGS["gqa"]
     rule = AdaLomo()

@@ -211,6 +211,7 @@ def test_tiktoken_tokenizer_model_encodes_as_tiktoken(llama3_meta, tiktoken_ref)
         assert tok.decode(ids) == tiktoken_ref.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_meta_llama3_imports_generates_and_exports_its_tokenizer(
     llama3_meta, tiktoken_ref, tmp_path, capsys
 ):

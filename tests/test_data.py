@@ -67,6 +67,7 @@ def test_packed_documents_do_not_see_each_other(stories, tmp_path):
     np.testing.assert_allclose(packed[0, len(ids_a) :], alone[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_alpaca_training_lowers_validation_loss(stories, tmp_path, capsys):
     records = json.loads(data_path("alpaca", "alpaca_data_1k.json").read_text())
     (tmp_path / "train.json").write_text(json.dumps(records[:900]))
@@ -123,6 +124,7 @@ def test_alpaca_training_lowers_validation_loss(stories, tmp_path, capsys):
     assert after["loss"] < before["loss"] - 0.2, (before, after)
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_lets_bfloat16_adalomo_learn(stories):
     """benchmarks/bf16_quality.py in small: bfloat16 AdaLomo at lr 5e-4 rounded to nearest drops
     most updates (each is below half an ulp); rounded stochastically it learns. After 8 steps of

@@ -57,8 +57,15 @@ def assert_trees_close(ours, ref, rtol):
         assert rel_err(a, b) <= rtol, (jax.tree_util.keystr(path), rel_err(a, b))
 
 
-@pytest.mark.parametrize("clip", [None, 0.5], ids=["no-clip", "norm-clip"])
-@pytest.mark.parametrize("cfg_name", ["gqa", "mha-tied"])
+@pytest.mark.parametrize(
+    ("clip", "cfg_name"),
+    [
+        pytest.param(None, "gqa", id="no-clip-gqa", marks=pytest.mark.slow),
+        pytest.param(0.5, "gqa", id="norm-clip-gqa"),
+        pytest.param(None, "mha-tied", id="no-clip-mha-tied", marks=pytest.mark.slow),
+        pytest.param(0.5, "mha-tied", id="norm-clip-mha-tied", marks=pytest.mark.slow),
+    ],
+)
 def test_fused_lomo_equals_jax_grad_sgd(clip, cfg_name):
     cfg = CONFIGS[cfg_name]
     params = lomo_jax.init_params(cfg, jax.random.key(0))
@@ -102,6 +109,7 @@ def differing(a, b) -> float:
     )
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_with_stochastic_rounding():
     """bfloat16: the fused step and apply_updates draw the same bits for each tensor and layer.
     Their bfloat16 gradients differ in the last bits (as they do rounded to nearest), which
@@ -135,9 +143,15 @@ def _restack(p):
     }
 
 
-@pytest.mark.parametrize("block_bytes", [None, 4 * 48 * 20], ids=["whole", "ragged-blocks"])
+@pytest.mark.parametrize(
+    "block_bytes",
+    [
+        pytest.param(None, id="whole", marks=pytest.mark.slow),
+        pytest.param(4 * 48 * 20, id="ragged-blocks"),
+    ],
+)
 def test_fused_adalomo_equals_optax_adafactor(block_bytes):
-    """DESIGN.md section 3: AdaLomo without weight decay is this Adafactor configuration. With
+    """AdaLomo (arXiv 2310.10195) without weight decay is this Adafactor configuration. With
     small blocks, the head's vocabulary pieces, AdaLomo's column blocks and the embedding
     gradient's blocks all loop, the last block of each overlapping the one before."""
     cfg, rule = CONFIGS["mha-tied"], AdaLomo()
@@ -246,6 +260,7 @@ def test_float16_overflow_skips_step_and_scale_grows_back():
     assert float(state.scale.scale) == 2.0**5  # doubled after a window of 3 clean steps
 
 
+@pytest.mark.slow
 def test_bfloat16_step_stays_close_to_float32():
     params = lomo_jax.init_params(CFG, jax.random.key(4))
     ids_list = batches(CFG, 2)

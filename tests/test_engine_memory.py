@@ -44,6 +44,7 @@ def stack_copies(compiled, layers, matrices_only=False) -> list[str]:
     return [line.strip()[:120] for line in compiled.as_text().splitlines() if pat.search(line)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fused-lomo", "fused-adalomo"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_temporaries_grow_only_by_saved_layer_inputs(method, tied):
@@ -72,6 +73,7 @@ def test_the_check_sees_a_stack_copy():
     assert growth > 8 * B * T * cfg.hidden_size * 4 * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("batch", "seq", "ratio"), [(8, 512, 1.16), (1, 1024, 1.08)])
 def test_llama_7b_fused_adalomo_fits_the_papers_ratio(batch, seq, ratio):
     """Issue 3's bound on the compiled plan (nothing allocated): peak <= ratio x parameters,

@@ -339,6 +339,7 @@ def test_each_layer_stage_runs_on_its_rows_alone(name):
     assert len(stages) == 1 and stages[0].shape == layer.shape == (1, 8, cfg.hidden_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_fused_adalomo_equals_jax_grad(hf_dirs, fused_weights, jax_grad_weights, family):
     """The engine walks the family's weights (biases, q/k norms; the window's mask)."""
@@ -347,6 +348,7 @@ def test_fused_adalomo_equals_jax_grad(hf_dirs, fused_weights, jax_grad_weights,
     assert all(np.any(before[k] != fused_weights[family][k]) for k in before)  # all moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_sharded_fused_step_equals_one_device(fused_weights, on_devices, family):
     """The sharding rules split the family's weights (fsdp=8 over 8 CPU devices)."""
@@ -354,6 +356,7 @@ def test_sharded_fused_step_equals_one_device(fused_weights, on_devices, family)
         assert_weights_close(dict(sharded), fused_weights[family], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_hub_id_works_for_every_command(hf_dirs, on_devices):
     tmp, lines = on_devices()
     out = tmp / "hub-out"

@@ -47,6 +47,7 @@ def test_h100_attention_gradient_memory_is_linear_in_length():
     assert growth <= 4.5, growth
 
 
+@pytest.mark.slow
 @needs_cuda_plugin
 def test_plan_command_says_it_fits_and_prints_nothing_else(tmp_path):
     """A fresh process (the CUDA plugin's notices would show at import), the fused AdaLomo step

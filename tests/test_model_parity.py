@@ -1,6 +1,7 @@
 """Logits parity with transformers' PyTorch LlamaForCausalLM on random checkpoints."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -45,6 +46,7 @@ def test_generation_with_cache_matches_full_forward(tmp_path, any_config):
     np.testing.assert_array_equal(new, logits[:, prompt.shape[1] - 1 : -1].argmax(-1))
 
 
+@pytest.mark.slow
 def test_top_p_keeps_only_the_nucleus(tmp_path):
     """With top_p tiny, sampling at any temperature degenerates to greedy."""
     cfg = CONFIGS["gqa"]

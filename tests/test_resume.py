@@ -23,6 +23,8 @@ from lomo_jax.cli import main
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_train_cli import write_rows
 
+pytestmark = pytest.mark.slow  # whole training runs in processes of their own
+
 CFG = CONFIGS["gqa"]
 STEPS = 20
 

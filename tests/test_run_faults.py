@@ -20,6 +20,8 @@ from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_resume import leftovers, run_with_fault
 from tests.test_train_cli import write_rows
 
+pytestmark = pytest.mark.slow  # whole training runs in processes of their own
+
 CFG = CONFIGS["gqa"]
 
 

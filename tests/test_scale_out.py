@@ -125,6 +125,7 @@ def runs(tmp_path_factory):
     return tmp, src, data, evaluate, json.loads(sharded_eval), json.loads(sharded_tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4"])
 def test_sharded_training_equals_one_device(runs, optimizer, mesh):
@@ -135,6 +136,7 @@ def test_sharded_training_equals_one_device(runs, optimizer, mesh):
     assert all(np.any(a != b) for a, b in moved)
 
 
+@pytest.mark.slow
 def test_sharded_eval_and_generate_equal_one_device(runs, capsys):
     tmp, _, _, evaluate, sharded_eval, sharded_tokens = runs
     assert main(evaluate) == 0
@@ -151,6 +153,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_checkpoints_change_mesh(runs, tmp_path):
     tmp, src, data = runs[:3]
     out = tmp_path / "two"
@@ -208,6 +211,7 @@ def _pieces_on_mesh(directory: str) -> None:
         assert a.sharding == s and np.asarray(a).tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 def test_layer_pieces_restore_into_shards(tmp_path):
     code = f"from tests.test_scale_out import _pieces_on_mesh; _pieces_on_mesh({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)
@@ -226,6 +230,7 @@ def _no_stack_copies_on_mesh() -> None:
         assert stack_copies(compiled, 16, matrices_only=True) == [], method
 
 
+@pytest.mark.slow
 def test_sharded_step_copies_no_stack():
     code = "from tests.test_scale_out import _no_stack_copies_on_mesh; _no_stack_copies_on_mesh()"
     subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)
@@ -269,6 +274,7 @@ def _rounding_on_meshes() -> None:
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_is_the_same_on_every_mesh():
     code = "from tests.test_scale_out import _rounding_on_meshes; _rounding_on_meshes()"
     subprocess.run([sys.executable, "-c", code], env=_env(8), check=True, timeout=TIMEOUT)

@@ -26,6 +26,7 @@ def write_rows(path, rows):
     return path
 
 
+@pytest.mark.slow
 def test_train_cli_matches_engine_and_exports(tmp_path, capsys):
     src = make_hf_dir(tmp_path / "hf", CFG)
     rows = random_ids(CFG, 8, 16, seed=3)
