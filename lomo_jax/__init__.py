@@ -9,9 +9,9 @@ import importlib
 import os
 
 # XLA:CPU's default scheduler favours concurrency over memory; the memory-aware one cuts the
-# fused step's temporaries (README, Memory: benchmarks/memory.py). XLA reads the choice from
-# XLA_FLAGS once, when JAX's CPU backend starts: as a per-compile option (lomo_jax.compiler's
-# way) it is accepted and ignored. Other backends ignore the flag.
+# fused step's temporaries (docs/measurements.md). XLA reads the choice from XLA_FLAGS once,
+# when JAX's CPU backend starts: as a per-compile option (lomo_jax.compiler's way) it is
+# accepted and ignored. Other backends ignore the flag.
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 _EXPORTS = {

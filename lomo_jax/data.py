@@ -271,6 +271,7 @@ class Source:
     """What a format reads (`path`) and what shapes its rows: the tokenizer, the row length,
     and the options some formats take."""
 
+    fmt: str  # the format's name, for messages
     path: str | Path  # as given: messages name it so
     tokenizer: Tokenizer | None
     seq_len: int
@@ -278,11 +279,11 @@ class Source:
     template: str | None = None  # template: the YAML file
     vocab_size: int | None = None  # pretokenized: every id checked as it is read
 
-    def tokenizer_for(self, fmt: str) -> Tokenizer:
+    def needed_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise DataError(
-                f"{self.path}: format {fmt} needs a tokenizer (the checkpoint has none; pass "
-                f"--tokenizer)"
+                f"{self.path}: format {self.fmt} needs a tokenizer (the checkpoint has none; "
+                f"pass --tokenizer)"
             )
         return self.tokenizer
 
@@ -295,15 +296,15 @@ def _pretokenized(src: Source) -> Rows:
 
 def _text(src: Source) -> Rows:
     records, places = load_records(src.path)  # the file's own problems are reported first
-    _require(records, places, "text", ("text",))
+    _require(records, places, src.fmt, ("text",))
     docs = [r["text"] or "" for r in records]
-    return _packed_text(src.tokenizer_for("text"), docs, src.seq_len, src.path)
+    return _packed_text(src.needed_tokenizer(), docs, src.seq_len, src.path)
 
 
 def _alpaca(src: Source) -> Rows:
     records, places = load_records(src.path)
-    _require(records, places, "alpaca", ("instruction", "output"), optional=("input",))
-    tok = src.tokenizer_for("alpaca")
+    _require(records, places, src.fmt, ("instruction", "output"), optional=("input",))
+    tok = src.needed_tokenizer()
     prompts = [
         (ALPACA_WITH_INPUT if r.get("input") else ALPACA_NO_INPUT).format(
             **{"instruction": r["instruction"] or "", "input": r.get("input") or ""}
@@ -321,7 +322,7 @@ def _templated(src: Source) -> Rows:
     prompt, response = _template(src.template)
     prompts = _fill(prompt, records, places, src.template)
     responses = _fill(response, records, places, src.template)
-    tok = src.tokenizer_for("template")
+    tok = src.needed_tokenizer()
     return _prompt_response(tok, prompts, responses, src.seq_len, src.path)
 
 
@@ -333,7 +334,7 @@ def _superglue(src: Source) -> Rows:
         examples = examples_from_records(src.task, records, src.path, places)
     except TaskError as e:
         raise DataError(str(e)) from None
-    tok = src.tokenizer_for("superglue")
+    tok = src.needed_tokenizer()
     prompts = [ex.context for ex in examples]
     answers = [ex.candidates[ex.label] for ex in examples]
     return _prompt_response(tok, prompts, answers, src.seq_len, src.path)
@@ -368,7 +369,7 @@ def build_rows(
     second run over the same data starts at once; with `vocab_size`, every id is checked to fit."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    src = Source(path, tok, seq_len, task, template, vocab_size)
+    src = Source(fmt, path, tok, seq_len, task, template, vocab_size)
     if not FORMATS[fmt].cached or not Path(path).exists():
         rows = FORMATS[fmt].build(src)
     else:
