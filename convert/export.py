@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from convert import safetensors_file, torch_pickles
 from convert.layout import hf_tensors
-from convert.sources import numpy_to_torch
 from lomo_jax import checkpoint
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
@@ -30,8 +28,6 @@ def write_hf(
 ) -> Path:
     """Weights and config.json of a Hugging Face directory; sharded with an index above
     `max_shard_bytes`. A safetensors shard is written one tensor at a time."""
-    import torch
-
     out.mkdir(parents=True, exist_ok=True)
     shards: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
@@ -48,9 +44,9 @@ def write_hf(
     for k in range(n):
         fname = f"{stem}.{ext}" if n == 1 else f"{stem}-{k + 1:05d}-of-{n:05d}.{ext}"
         if fmt == "safetensors":
-            save_safetensors(out / fname, shards[k], metadata={"format": "pt"})
+            safetensors_file.write(out / fname, shards[k], metadata={"format": "pt"})
         else:
-            torch.save({name: numpy_to_torch(a) for name, a in shards[k]}, out / fname)
+            torch_pickles.save(out / fname, shards[k])
         weight_map.update(dict.fromkeys((name for name, _ in shards[k]), fname))
         total += sum(a.nbytes for _, a in shards[k])
         shards[k] = []  # release this shard's arrays and contiguous copies before the next
@@ -60,37 +56,6 @@ def write_hf(
     hf_cfg = dict(cfg.to_hf_dict(), torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out
-
-
-_SAFETENSORS_DTYPES = {
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-}
-
-
-def save_safetensors(
-    path: Path, tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
-) -> None:
-    """The safetensors format (a little-endian u64 header length, the JSON header padded to 8
-    bytes, then the raw tensors), written one tensor at a time: `safetensors.save_file` takes a
-    whole file's tensors as contiguous torch tensors at once, a second copy of the shard."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, a in tensors:
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[a.dtype],
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + a.nbytes],
-        }
-        offset += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for _, a in tensors:
-            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
 
 
 def export_hf(

@@ -13,6 +13,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from convert import safetensors_file, torch_pickles
 from convert.errors import ConversionError
 from convert.layout import meta_to_hf_rows
 from lomo_jax.config import LlamaConfig
@@ -32,39 +33,6 @@ class Source:
     tensors: Callable[[], Iterator[tuple[str, str, np.ndarray]]]  # (file, HF name, array)
     tokenizer_files: list[Path]
     dtype: np.dtype
-
-
-def torch_to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def numpy_to_torch(a: np.ndarray):
-    import torch
-
-    # torch wants writable memory; copy only what is read-only (mmaps, jax buffers) or strided.
-    a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a, order="C")
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
-
-
-def _torch_load(path: Path) -> dict:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except FileNotFoundError:
-        raise ConversionError(path, "file not found") from None
-    except Exception as e:  # torch raises many types for corrupt or truncated pickles
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            path, f"cannot read PyTorch checkpoint (truncated or corrupt?): {reason}"
-        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -98,21 +66,6 @@ def _hf_weight_files(d: Path) -> list[Path]:
     raise ConversionError(d, "no model.safetensors, pytorch_model.bin or index file")
 
 
-def _safetensors_tensors(f: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not f.is_file():
-        raise ConversionError(f, "file not found")
-    try:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                yield name, torch_to_numpy(st.get_tensor(name))
-    except SafetensorError as e:
-        raise ConversionError(
-            f, f"cannot read safetensors file (truncated or corrupt?): {e}"
-        ) from None
-
-
 def read_hf(d: Path) -> Source:
     cfg_path = d / "config.json"
     raw = _read_json(cfg_path)
@@ -122,11 +75,11 @@ def read_hf(d: Path) -> Source:
     def tensors():
         for f in files:
             if f.suffix == ".safetensors":
-                for name, a in _safetensors_tensors(f):
+                for name, a in safetensors_file.read(f):
                     yield str(f), name, a
             else:
-                for name, t in _torch_load(f).items():
-                    yield str(f), name, torch_to_numpy(t)
+                for name, t in torch_pickles.load(f).items():
+                    yield str(f), name, torch_pickles.to_numpy(t)
 
     dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(
         raw.get("torch_dtype") or raw.get("dtype"), np.float32
@@ -190,7 +143,7 @@ def read_meta(d: Path) -> Source:
     shards = sorted(d.glob("consolidated.*.pth"))
     if not shards:
         raise ConversionError(d, "no consolidated.*.pth files next to params.json")
-    first = _torch_load(shards[0])
+    first = torch_pickles.load(shards[0])
     if "tok_embeddings.weight" not in first:
         raise ConversionError(shards[0], "missing tensor 'tok_embeddings.weight'")
     vocab = p.get("vocab_size", -1)
@@ -238,7 +191,7 @@ def read_meta(d: Path) -> Source:
     split = dict(META_SPLIT_AXIS, tok_embeddings=0 if vocab >= LLAMA3_VOCAB else 1)
 
     def tensors():
-        parts = [first] + [_torch_load(s) for s in shards[1:]]
+        parts = [first] + [torch_pickles.load(s) for s in shards[1:]]
         for name in parts[0]:
             if name in META_BUFFERS:
                 continue
@@ -248,7 +201,7 @@ def read_meta(d: Path) -> Source:
                     raise ConversionError(
                         shard, f"missing tensor {name!r} (present in {shards[0].name})"
                     )
-                pieces.append(torch_to_numpy(part[name]))
+                pieces.append(torch_pickles.to_numpy(part[name]))
             kind = name.split(".")[-2]
             a = (
                 pieces[0]
@@ -260,7 +213,7 @@ def read_meta(d: Path) -> Source:
     tok = d / "tokenizer.model"
     if not tok.exists():
         tok = d.parent / "tokenizer.model"
-    dtype = torch_to_numpy(first["tok_embeddings.weight"].flatten()[:1]).dtype
+    dtype = torch_pickles.to_numpy(first["tok_embeddings.weight"].flatten()[:1]).dtype
     return Source(d, cfg, tensors, [tok] if tok.exists() else [], dtype)
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from convert import torch_pickles
 from convert.layout import hf_to_meta_rows, slots
-from convert.sources import LLAMA3_VOCAB, META_SPLIT_AXIS, META_TO_HF, numpy_to_torch
+from convert.sources import LLAMA3_VOCAB, META_SPLIT_AXIS, META_TO_HF
 from lomo_jax.config import LlamaConfig
 
 
@@ -80,7 +81,7 @@ def write_meta(
         axis = split.get(meta.split(".")[-2])
         pieces = np.split(a, n_shards, axis=axis) if axis is not None else [a] * n_shards
         for part, piece in zip(parts, pieces):
-            part[meta] = numpy_to_torch(np.ascontiguousarray(piece)).clone()
+            part[meta] = torch_pickles.from_numpy(np.ascontiguousarray(piece)).clone()
     for part in parts:
         if cfg.tie_word_embeddings:
             part["output.weight"] = part["tok_embeddings.weight"]

@@ -98,3 +98,11 @@ def random_ids(cfg: LlamaConfig, batch: int, length: int, seed: int = 0) -> np.n
 def train_args(src, data, out, *flags: str) -> list[str]:
     """`lomo-jax train` arguments for model SRC, data file DATA and run directory OUT."""
     return ["train", "--model", str(src), "--data", str(data), "--out", str(out), *flags]
+
+
+def needs_torch():
+    """torch, or a skip saying which extra installs it: the PyTorch references (transformers'
+    models, lomo-optim) and pickled checkpoints need it; everything else runs without."""
+    return pytest.importorskip(
+        "torch", reason="needs torch, the PyTorch reference: pip install -e '.[reference]'"
+    )

@@ -1,6 +1,7 @@
 """Every bad input: one line on stderr naming the file and the problem, exit 1, nothing written."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from convert.export import write_hf
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
-from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir
+from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir, needs_torch
 
 CFG = CONFIGS["gqa"]
 
@@ -110,6 +111,7 @@ def hf_bad_json(tmp):
 
 
 def meta_truncated_shard(tmp):
+    needs_torch()
     d = write_meta(tmp / "src", CFG, random_hf_tensors(CFG), n_shards=2, multiple_of=32)
     truncate(d / "consolidated.01.pth")
     return d, "consolidated.01.pth", "cannot read PyTorch checkpoint"
@@ -213,6 +215,21 @@ def test_existing_output_is_never_touched(tmp_path, capsys):
     assert main(["import", str(src), str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_pickle_without_torch_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    """torch is optional: a safetensors model never needs it, a .bin / .pth says what does."""
+    src = make_hf_dir(tmp_path / "src", CFG)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert main(["import", str(src), str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    pickle = src / "pytorch_model.bin"
+    assert (
+        err
+        == f"lomo-jax: error: {pickle}: a PyTorch pickle needs torch: pip install 'lomo-jax[torch]'"
+    )
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_export_of_a_non_checkpoint_fails_cleanly(tmp_path, capsys):

@@ -5,7 +5,6 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 import transformers
 from safetensors import safe_open
 
@@ -14,23 +13,25 @@ from convert import export_hf, import_checkpoint
 from convert.layout import hf_to_meta_rows, meta_to_hf_rows
 from convert.synthetic import random_hf_tensors, write_meta
 from lomo_jax.cli import main
-from tests.conftest import CONFIGS, data_path, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, data_path, make_hf_dir, needs_torch, random_ids
 
 
 def read_safetensors_dir(d):
-    files = sorted(d.glob("*.safetensors"))
+    """{name: (dtype, array)} through the safetensors package (an independent reader)."""
     out = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(f, framework="numpy") as st:
             for k in st.keys():
                 t = st.get_tensor(k)
-                out[k] = (t.dtype, t.view(torch.uint8) if t.dtype != torch.bool else t)
+                out[k] = (t.dtype, t)
     return out
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["single", "sharded", "pytorch_bin"])
 def test_hf_import_export_roundtrip_is_bit_exact(tmp_path, dtype, layout):
+    if layout == "pytorch_bin":
+        needs_torch()
     cfg = CONFIGS["gqa"]
     kw = {"sharded": dict(max_shard_bytes=40_000), "pytorch_bin": dict(fmt="bin")}.get(layout, {})
     src = make_hf_dir(tmp_path / "hf", cfg, dtype=dtype, **kw)
@@ -47,12 +48,13 @@ def test_hf_import_export_roundtrip_is_bit_exact(tmp_path, dtype, layout):
     assert set(ours) == set(theirs)
     for name, a in theirs.items():
         t_dtype, t_bytes = ours[name]
-        assert t_bytes.numpy().tobytes() == np.ascontiguousarray(a).tobytes(), name
+        assert t_bytes.tobytes() == np.ascontiguousarray(a).tobytes(), name
     exported_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert lomo_jax.LlamaConfig.from_hf_dict(exported_cfg) == cfg
 
 
 def test_export_loads_in_transformers_with_same_logits(tmp_path):
+    torch = needs_torch()
     cfg = CONFIGS["mha-tied"]
     model = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", cfg))
     model.save_pretrained(tmp_path / "ckpt")
@@ -66,6 +68,7 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
 
 def test_rope_row_permutation_is_invertible_and_matches_transformers():
     """meta_to_hf_rows is transformers' convert_llama_weights_to_hf `permute`."""
+    torch = needs_torch()
     w = np.arange(8 * 2 * 3, dtype=np.float32).reshape(16, 3)
     n_heads, dim1, dim2 = 2, 16, 3
     ref = torch.from_numpy(w).view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2)
@@ -75,6 +78,7 @@ def test_rope_row_permutation_is_invertible_and_matches_transformers():
 
 def test_meta_checkpoint_split_over_two_files_imports_to_same_logits(tmp_path):
     # dim 64, multiple_of 32 -> Meta's FFN size rule gives 192, the config's intermediate size.
+    needs_torch()
     cfg = CONFIGS["gqa"]
     hf = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", cfg, seed=5))
     meta = write_meta(tmp_path / "meta", cfg, random_hf_tensors(cfg, 5), n_shards=2, multiple_of=32)
@@ -110,6 +114,7 @@ def test_stories260k_greedy_generation_is_byte_exact(stories, capsys):
 
 
 def test_stories260k_exported_to_hf_generates_the_same_text(stories, tmp_path):
+    torch = needs_torch()
     expected = data_path("llama2c", "stories260K_greedy200_expected.txt").read_text()
     assert main(["export", str(stories), str(tmp_path / "hf")]) == 0
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)

@@ -4,11 +4,11 @@ tokenizer as tiktoken encodes it, llama2.c's export.py versions as llama2.c writ
 
 import hashlib
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import lomo_jax
@@ -17,10 +17,11 @@ from convert.layout import hf_tensors
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta, write_tiktoken_bpe
 from lomo_jax.cli import main
 from lomo_jax.model import forward
-from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, data_path, edit_config, make_hf_dir, needs_torch, random_ids
 
 
 def hf_logits(model_dir, ids):
+    torch = needs_torch()
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return hf(torch.from_numpy(ids).long()).logits.numpy()
@@ -29,6 +30,7 @@ def hf_logits(model_dir, ids):
 @pytest.mark.parametrize("act", ["silu", "swish"])
 def test_hf_silu_and_swish_import_as_transformers_computes_them(tmp_path, act):
     """The names transformers maps to SiLU import; any other activation is refused (bad input)."""
+    needs_torch()
     cfg = CONFIGS["gqa"]
     src = edit_config(make_hf_dir(tmp_path / "hf", cfg), hidden_act=act)
     ids = random_ids(cfg, 1, 8)
@@ -48,6 +50,7 @@ def test_meta_llama1_2_with_rope_freqs_import_to_transformers_logits(
     """Real Llama 1/2 shards carry a `rope.freqs` buffer, which transformers' converter skips.
     The context is the one that converter writes for --llama_version 1 / 2 (16384 for a larger
     rope_theta: Code Llama); Llama 2 is told from LLaMA-1 by its norm_eps (1e-5, not 1e-6)."""
+    torch = needs_torch()
     cfg = CONFIGS["gqa"].replace(rms_norm_eps=norm_eps, rope_theta=rope_theta)
     meta = write_meta(tmp_path / "meta", cfg, random_hf_tensors(cfg, 3), n_shards, multiple_of=32)
     assert "rope.freqs" in torch.load(meta / "consolidated.00.pth", weights_only=True)
@@ -79,6 +82,7 @@ def llama3_config(version: str) -> lomo_jax.LlamaConfig:
 def transformers_conversion(meta, version: str) -> transformers.LlamaForCausalLM:
     """transformers' converter (write_model) on a one-file Meta checkpoint, stated with
     transformers' own classes: its config for `version`, its `permute` of q/k rows."""
+    torch = needs_torch()
     p = json.loads((meta / "params.json").read_text())
     loaded = torch.load(meta / "consolidated.00.pth", weights_only=True)
     dim, n_heads, n_kv, mult = p["dim"], p["n_heads"], p["n_kv_heads"], p["multiple_of"]
@@ -135,6 +139,7 @@ def transformers_conversion(meta, version: str) -> transformers.LlamaForCausalLM
 
 @pytest.mark.parametrize("version", ["3", "3.1", "3.2"])
 def test_meta_llama3_matches_transformers_conversion_at_position_4096(tmp_path, version):
+    torch = needs_torch()
     cfg = llama3_config(version)
     # Weights large enough for attention to depend on RoPE (at std 0.02 it is nearly uniform, and
     # RoPE factor 8 instead of 32 moves these logits by 2e-6 only; at 0.3 by 3.5e-2).
@@ -178,32 +183,40 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def llama3_meta(tmp_path_factory):
-    """A Llama 3.1 Meta directory with its tiktoken tokenizer.model (128000 ranks)."""
+def llama3_tokenizer(tmp_path_factory):
+    """Llama 3's tiktoken tokenizer.model (128000 ranks)."""
+    path = tmp_path_factory.mktemp("llama3_tokenizer") / "tokenizer.model"
+    write_tiktoken_bpe(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama3_meta(tmp_path_factory, llama3_tokenizer):
+    """A Llama 3.1 Meta directory with its tiktoken tokenizer.model."""
+    needs_torch()
     cfg = llama3_config("3.1")
     meta = write_meta(
         tmp_path_factory.mktemp("llama3") / "meta", cfg, random_hf_tensors(cfg, 1), multiple_of=32
     )
-    write_tiktoken_bpe(meta / "tokenizer.model")
+    shutil.copy(llama3_tokenizer, meta / "tokenizer.model")
     return meta
 
 
 @pytest.fixture(scope="module")
-def tiktoken_ref(llama3_meta):
+def tiktoken_ref(llama3_tokenizer):
     """Meta's Llama 3 tokenizer: tiktoken over the same ranks and pattern."""
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
 
-    path = str(llama3_meta / "tokenizer.model")
-    ranks = load_tiktoken_bpe(path)
+    ranks = load_tiktoken_bpe(str(llama3_tokenizer))
     specials = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001}
     return tiktoken.Encoding(
         "llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
     )
 
 
-def test_tiktoken_tokenizer_model_encodes_as_tiktoken(llama3_meta, tiktoken_ref):
-    tok = lomo_jax.load_tokenizer(llama3_meta / "tokenizer.model")
+def test_tiktoken_tokenizer_model_encodes_as_tiktoken(llama3_tokenizer, tiktoken_ref):
+    tok = lomo_jax.load_tokenizer(llama3_tokenizer)
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (128000, 128001, 128256)
     for text in TEXTS:
         ids = tiktoken_ref.encode(text)
@@ -215,6 +228,7 @@ def test_tiktoken_tokenizer_model_encodes_as_tiktoken(llama3_meta, tiktoken_ref)
 def test_meta_llama3_imports_generates_and_exports_its_tokenizer(
     llama3_meta, tiktoken_ref, tmp_path, capsys
 ):
+    torch = needs_torch()
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     assert main(["import", str(llama3_meta), str(ckpt)]) == 0
     prompt = "the cat sat"

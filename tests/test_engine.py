@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 import transformers
 
 import lomo_jax
@@ -20,7 +19,7 @@ from lomo_jax.loss import Batch, loss_fn
 from lomo_jax.loss_scale import DynamicLossScale, ScaleState
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
-from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, make_hf_dir, needs_torch, random_ids
 
 CFG = CONFIGS["gqa"]
 
@@ -185,6 +184,7 @@ def test_fused_adalomo_equals_optax_adafactor(block_bytes):
 @contextlib.contextmanager
 def cuda_is_identity():
     """lomo-optim's AdaLomo calls .cuda() in its constructor; on CPU make that a no-op."""
+    torch = needs_torch()
     original = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
     try:
@@ -194,6 +194,7 @@ def cuda_is_identity():
 
 
 def run_reference(hf_dir, make_opt, ids_list, lr, clip_norm):
+    torch = needs_torch()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
@@ -210,6 +211,7 @@ def run_reference(hf_dir, make_opt, ids_list, lr, clip_norm):
 
 @pytest.mark.parametrize("which", ["lomo", "adalomo"])
 def test_matches_lomo_optim_reference(tmp_path, which):
+    needs_torch()
     import lomo_optim
 
     cfg = CONFIGS["mha-tied"] if which == "lomo" else CFG

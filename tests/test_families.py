@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -34,7 +33,7 @@ from lomo_jax.parameters import LAYERS, TABLE, params_of, stage_weights
 from lomo_jax.schedule import Schedule
 from lomo_jax.sharding import RULES, Layout
 from lomo_jax.tokenizer import TokenizerError
-from tests.conftest import CONFIGS, TINY, random_ids
+from tests.conftest import CONFIGS, TINY, needs_torch, random_ids
 from tests.test_scale_out import REPO, TIMEOUT, _env
 from tests.test_train_cli import write_rows
 
@@ -65,6 +64,7 @@ RULE = AdaLomo(weight_decay=0.1)
 def save_tiny(path, family: str, seed: int = 0):
     """A random transformers model of `family`, saved with save_pretrained (float32). Biases and
     norm scales are drawn too, so none of them is a no-op."""
+    torch = needs_torch()
     cls, kw = FAMILY_CONFIGS[family]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cls(**_TINY, **kw))
@@ -121,10 +121,12 @@ def on_devices(families):
 
 
 def hf_model(path):
+    torch = needs_torch()
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def hf_logits(model, ids, mask=None):
+    torch = needs_torch()
     with torch.no_grad():
         mask = None if mask is None else torch.from_numpy(mask)
         return model(torch.from_numpy(ids).long(), attention_mask=mask).logits.numpy()

@@ -2,15 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import lomo_jax
 from lomo_jax.generate import generate
-from tests.conftest import CONFIGS, make_hf_dir, random_ids
+from tests.conftest import CONFIGS, make_hf_dir, needs_torch, random_ids
 
 
 def hf_logits(hf_dir, ids, attention_mask=None):
+    torch = needs_torch()
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
     with torch.no_grad():

@@ -2,14 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from lomo_jax.schedule import Schedule
+from tests.conftest import needs_torch
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
 def test_schedule_matches_transformers(kind):
+    torch = needs_torch()
     lr, warmup, total = 0.03, 5, 40
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     make = {

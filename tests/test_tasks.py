@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import lomo_jax
 from lomo_jax.cli import main
 from lomo_jax.tasks import TASKS, candidate_scores, read_examples
-from tests.conftest import data_path
+from tests.conftest import data_path, needs_torch
 
 FILES = {
     "copa": ("COPA", "copa_validation.jsonl"),
@@ -42,6 +41,7 @@ def stories(tmp_path_factory):
 
 
 def hf_scores(hf_dir, tok, examples):
+    torch = needs_torch()
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     out = []
     for ex in examples:
