@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -574,9 +575,9 @@ def main() -> None:
     a = p.parse_args()
     t_start = time.perf_counter()
     a.out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # several processes share it
+    # Several processes share the GPU: none may take 75% of it up front (this one included).
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if a.dry_run:
-        env["JAX_PLATFORMS"] = "cpu"
         os.environ["JAX_PLATFORMS"] = "cpu"
     from lomo_jax import cuda_plugin
 
@@ -603,65 +604,62 @@ def main() -> None:
         "rows": [],
     }
 
-    def save():
-        report["seconds"] = round(time.perf_counter() - t_start, 1)
-        (a.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-        (a.out / "gpu_check.md").write_text(markdown(report))
+    saving = threading.Lock()
+
+    def save():  # from the checks' thread and this one
+        with saving:
+            report["seconds"] = round(time.perf_counter() - t_start, 1)
+            (a.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+            (a.out / "gpu_check.md").write_text(markdown(report))
 
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     lock = work / "gpu.lock"
+    env = dict(os.environ)
     plan_env = dict(env, JAX_PLATFORMS="cpu")  # deviceless plans compile on the CPU
-    with concurrent.futures.ThreadPoolExecutor(a.parallel + 2) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor
+    with pool(a.parallel) as row_pool, pool(2) as plan_pool, pool(1) as check_pool:
         plans = {
-            r: pool.submit(
-                _child,
-                ["--plan", json.dumps(dataclasses.asdict(r)), "--target", target],
-                plan_env,
-                a.budget_s,
+            r: plan_pool.submit(
+                _child, ["--plan", _spec(r), "--target", target], plan_env, a.budget_s
             )
             for r in rows
             if r.memory
         }
-        rows_left = list(rows)
-        running: dict = {}
-        report["checks"] = correctness("tiny" if a.dry_run else "small", work)
-        save()
 
-        def submit(r: Row):
-            if time.perf_counter() - t_start > a.budget_s:
-                return None
-            spec = json.dumps(dataclasses.asdict(r))
-            return pool.submit(
-                _child,
-                ["--row", spec, "--steps", str(steps), "--lock", str(lock)],
-                env,
-                a.budget_s,
-            )
+        def checks():  # on the GPU, so in its turn; the rows compile meanwhile
+            with gpu_turn(lock):
+                report["checks"] = correctness("tiny" if a.dry_run else "small", work)
+            save()
 
+        checked = check_pool.submit(checks)
         results: dict[Row, dict] = {}
+        rows_left, running = list(rows), {}
         while rows_left or running:
             while rows_left and len(running) < a.parallel:
                 r = rows_left.pop(0)
-                fut = submit(r)
-                if fut is None:
+                if time.perf_counter() - t_start > a.budget_s:
                     results[r] = {"error": "skipped: the time budget is spent"}
                     continue
-                running[fut] = r
+                args = ["--row", _spec(r), "--steps", str(steps), "--lock", str(lock)]
+                running[row_pool.submit(_child, args, env, a.budget_s)] = r
             if not running:
                 break
             done, _ = concurrent.futures.wait(
                 running, return_when=concurrent.futures.FIRST_COMPLETED
             )
             for fut in done:
-                r = running.pop(fut)
-                results[r] = fut.result()
+                results[running.pop(fut)] = fut.result()
                 report["rows"] = _rows(rows, results, plans, peak)
                 save()
-        for fut in plans.values():
-            fut.result()
+        checked.result()
+        concurrent.futures.wait(plans.values())
         report["rows"] = _rows(rows, results, plans, peak)
     save()
     print(markdown(report))
+
+
+def _spec(r: Row) -> str:
+    return json.dumps(dataclasses.asdict(r))
 
 
 def _rows(rows, results, plans, peak) -> list[dict]:

@@ -10,7 +10,7 @@ prints a JSON list of rows {method, param_bytes, peak_bytes, peak_over_params, .
 inference (forward + loss), fused-lomo, fused-adalomo, sgd and adamw (jax.grad + optax with the
 same layer-boundary checkpointing). peak = arguments + outputs + temporaries - aliased.
 With --devices N the step is sharded over N devices (mesh fsdp=N unless --mesh says otherwise)
-and every figure is per device: param_bytes is one device's share. --target h100 / rtx4090
+and every figure is per device: param_bytes is one device's share. --target h100 / h200 / rtx4090
 compiles for that GPU without one (lomo_jax.memory: needs JAX's CUDA plugin); the default is
 this machine's CPU (several devices: host-platform CPU devices).
 """
@@ -36,7 +36,7 @@ def main() -> None:
         choices=["stochastic", "nearest"],
         help="of 16-bit weights in the fused steps",
     )
-    p.add_argument("--target", default="cpu", help="cpu, h100 or rtx4090")
+    p.add_argument("--target", default="cpu", help="cpu, h100, h200 or rtx4090")
     p.add_argument("--devices", type=int, default=1, help="plan the step sharded over N devices")
     p.add_argument("--mesh", help="with --devices: e.g. data=2,fsdp=4 (default fsdp=N)")
     p.add_argument("--attention", default="auto", help="auto, dense, blockwise or cudnn")

@@ -87,6 +87,18 @@ GPUS: dict[str, Gpu] = {
         shared_memory_per_sm=228 * 1024,
         shared_memory_per_block_optin=227 * 1024,
     ),
+    "h200": Gpu(  # the H100's chip with more and faster memory (HBM3e)
+        name="NVIDIA H200",
+        compute_capability=(9, 0),
+        sms=132,
+        memory_bytes=150_754_820_096,  # 143771 MiB, as nvidia-smi reports it
+        memory_bandwidth=4_800_000_000_000,
+        l2_cache_bytes=60 * 2**20,
+        clock_ghz=1.98,
+        threads_per_sm=2048,
+        shared_memory_per_sm=228 * 1024,
+        shared_memory_per_block_optin=227 * 1024,
+    ),
     "rtx4090": Gpu(
         name="NVIDIA GeForce RTX 4090",
         compute_capability=(8, 9),
