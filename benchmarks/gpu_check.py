@@ -93,10 +93,9 @@ ROWS = (
     Row("adamw", "llama-7b", 8, 512),
     Row("adamw", "llama-7b", 1, 4096),
 )
-DRY_ROWS = (
+DRY_ROWS = (  # one of each kind of row
     Row("fused-adalomo", "tiny", 2, 64, memory=True),
     Row("torch-adalomo", "tiny", 2, 64),
-    Row("fused-lomo", "tiny", 1, 128, memory=True),
     Row("adamw", "tiny", 2, 64),
 )
 
