@@ -20,6 +20,7 @@ import json
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 _INSTR = re.compile(r"^\s*(ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-$]+)\((.*)$")
 _ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
@@ -147,10 +148,14 @@ def report(text: str, layers: int) -> dict:
     gemm = attn = 0
     collectives: Counter = Counter()
     async_collectives: Counter = Counter()
+    overlapped: Counter = Counter()  # async collectives with work scheduled between start and done
     copies, loop_bodies = [], set()
     for c, (times, fused) in runs.items():
         shapes = _shapes(comps[c])
+        pending: dict[str, tuple[str, int]] = {}  # an async start -> (its kind, work since)
         for ins in comps[c]:
+            if not fused and ins.op in ("fusion", "custom-call"):
+                pending = {k: (kind, n + 1) for k, (kind, n) in pending.items()}
             target = re.search(r'custom_call_target="([^"]+)"', ins.rest)
             target = target.group(1) if target else ""
             if ins.op == "dot" or (ins.op == "custom-call" and "gemm" in target):
@@ -160,8 +165,14 @@ def report(text: str, layers: int) -> dict:
             if fused:
                 continue
             kind = next((k for k in _COLLECTIVES if ins.op.startswith(k)), None)
-            if kind and not ins.op.endswith("-done"):
-                (async_collectives if ins.op.endswith("-start") else collectives)[kind] += times
+            if kind and ins.op.endswith("-start"):
+                async_collectives[kind] += times
+                pending[ins.name] = (kind, 0)
+            elif kind and ins.op.endswith("-done") and ins.operands[0] in pending:
+                kind, work = pending.pop(ins.operands[0])
+                overlapped[kind] += times * (work > 0)
+            elif kind:
+                collectives[kind] += times
             if ins.op == "while" and trip_count(ins) == layers:
                 loop_bodies.add(ins.attr("body"))
     for body in sorted(loop_bodies):
@@ -181,6 +192,7 @@ def report(text: str, layers: int) -> dict:
         "attention_flops": attn,
         "collectives": dict(collectives),
         "async_collectives": dict(async_collectives),
+        "overlapped_collectives": dict(overlapped),
         "layer_loop_copies": copies,
     }
 
@@ -227,6 +239,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--hlo", type=Path, help="also write the optimized HLO text here")
     a = p.parse_args()
 
     from lomo_jax import cuda_plugin
@@ -240,7 +253,10 @@ def main() -> None:
     cfg = preset(a.model)
     layout = target_layout(a.target, a.devices)
     lowered, params = lower(cfg, a.method, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout)
-    r = report(lowered.compile().as_text(), cfg.num_hidden_layers)
+    text = lowered.compile().as_text()
+    if a.hlo:
+        a.hlo.write_text(text)
+    r = report(text, cfg.num_hidden_layers)
     tokens = a.batch_size * a.seq_len
     n = cfg.num_params
     per_device = tokens * n / a.devices
@@ -276,7 +292,10 @@ def main() -> None:
     for c in r["layer_loop_copies"]:
         slices = ", ".join(c["slices"])
         print(f"  {c['loop']} {c['instruction']}: {slices} ({c['bytes'] / 2**20:.0f} MiB)")
-    print(f"collectives per step: sync {r['collectives']}, async {r['async_collectives']}")
+    print(
+        f"collectives per step: sync {r['collectives']}, async {r['async_collectives']} "
+        f"(of which with work scheduled between start and done: {r['overlapped_collectives']})"
+    )
 
 
 if __name__ == "__main__":
