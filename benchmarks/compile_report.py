@@ -99,7 +99,7 @@ def executions(entry: str, comps: dict[str, list[Instr]]) -> dict[str, tuple[int
                 n = trip_count(ins)
                 visit(ins.attr("body"), times * n, fused)
                 visit(ins.attr("condition"), times * (n + 1), fused)
-            elif ins.op == "fusion":
+            elif ins.op in ("fusion", "fusion-start"):
                 visit(ins.attr("calls"), times, True)
             elif ins.op in ("call", "async-start") or ins.op.endswith("-start"):
                 visit(ins.attr("calls") or ins.attr("to_apply"), times, fused)
@@ -202,7 +202,7 @@ def _weight_slices(ins: Instr, comps: dict[str, list[Instr]], layers: int) -> li
     buffer of its own: a copy, or a fusion returning dynamic slices of [L, a, b] parameters."""
     if ins.op == "copy":
         return [ins.shape] if _is_layer_of_matrix(ins.shape) else []
-    if ins.op != "fusion":
+    if ins.op not in ("fusion", "fusion-start"):  # an async copy (jax 0.12) starts a fusion
         return []
     body = comps.get(ins.attr("calls"), [])
     params = {i.name: i.shape for i in body if i.op == "parameter"}

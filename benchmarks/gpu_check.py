@@ -48,6 +48,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
+sys.path.insert(0, str(SCRIPT.parent))  # torch_reference, beside this file
 
 # bfloat16 steps against their reference: the weights agree to bfloat16's precision (2^-8
 # relative); their gradients differ in the last bits (computed layer by layer against one
@@ -251,30 +252,17 @@ def memory_plan_of(compiled) -> dict:
 def torch_row(row: Row, steps: int, lock: Path) -> dict:
     """The paper authors' lomo-optim on transformers' LlamaForCausalLM, sdpa attention and
     gradient checkpointing, bfloat16 (as their trainer runs it, without clipping)."""
-    import lomo_optim
     import torch
-    import transformers
+    from torch_reference import make_optimizer, random_model
 
     cfg = model_config(row.model)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hf = dict(cfg.to_hf_dict(), use_cache=False)
-    hf_cfg = transformers.LlamaConfig(
-        **{k: v for k, v in hf.items() if k not in ("architectures", "model_type")}
-    )
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     with gpu_turn(lock):
-        torch.manual_seed(0)
-        with dev:
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf_cfg, attn_implementation="sdpa", dtype=torch.bfloat16
-            )
-        model.gradient_checkpointing_enable()
-        model.train()
-        with _cuda_is_identity(dev):  # lomo-optim's AdaLomo calls .cuda() in its constructor
-            make = lomo_optim.AdaLomo if row.method == "torch-adalomo" else lomo_optim.Lomo
-            opt = make(model, lr=1e-5)
+        model = random_model(cfg, "bfloat16", dev)
+        opt = make_optimizer(model, row.method.removeprefix("torch-"), lr=1e-5)
         ids = torch.randint(0, cfg.vocab_size, (row.batch, row.seq), device=dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         seconds, losses = [], []
         for k in range(steps + 1):
             t0 = time.perf_counter()
@@ -283,24 +271,9 @@ def torch_row(row: Row, steps: int, lock: Path) -> dict:
             losses.append(float(loss))  # waits for the step
             if k:
                 seconds.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"peak_bytes": peak, "param_bytes": params, "losses": losses, "seconds": seconds}
-
-
-@contextlib.contextmanager
-def _cuda_is_identity(dev):
-    import torch
-
-    if dev.type == "cuda":
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
 
 
 def deviceless_plan(row: Row, target: str) -> dict:

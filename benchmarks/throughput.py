@@ -79,27 +79,11 @@ def jax_step(method: str, ids: np.ndarray, dtype: str, attention: str = "auto"):
 
 
 def torch_step(method: str, ids: np.ndarray, dtype: str):
-    import lomo_optim
     import torch
-    import transformers
+    from torch_reference import make_optimizer, random_model
 
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(
-        **{k: v for k, v in CONFIG.to_hf_dict().items() if k not in ("architectures", "model_type")}
-    )
-    model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype))
-    model.gradient_checkpointing_enable()
-    model.train()
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self  # AdaLomo's constructor calls .cuda()
-    try:
-        opt = (
-            lomo_optim.Lomo(model, lr=1e-3)
-            if method == "torch-lomo"
-            else lomo_optim.AdaLomo(model, lr=1e-3)
-        )
-    finally:
-        torch.Tensor.cuda = original
+    model = random_model(CONFIG, dtype)
+    opt = make_optimizer(model, method.removeprefix("torch-"), lr=1e-3)
     t = torch.from_numpy(ids).long()
 
     def step():

@@ -1,8 +1,9 @@
 """The fused step against independent references: jax.grad + optax, and the paper authors'
 PyTorch `lomo-optim` on transformers' LlamaForCausalLM."""
 
-import contextlib
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,9 @@ from lomo_jax.loss_scale import DynamicLossScale, ScaleState
 from lomo_jax.optim import AdaLomo, Lomo
 from lomo_jax.schedule import Schedule
 from tests.conftest import CONFIGS, make_hf_dir, needs_torch, random_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_reference import make_optimizer  # noqa: E402
 
 CFG = CONFIGS["gqa"]
 
@@ -181,25 +185,13 @@ def test_fused_adalomo_equals_optax_adafactor(block_bytes):
 
 
 # ---- against the paper authors' PyTorch implementation ---------------------------------------
-@contextlib.contextmanager
-def cuda_is_identity():
-    """lomo-optim's AdaLomo calls .cuda() in its constructor; on CPU make that a no-op."""
-    torch = needs_torch()
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
-def run_reference(hf_dir, make_opt, ids_list, lr, clip_norm):
+def run_reference(hf_dir, which, ids_list, lr, kw):
     torch = needs_torch()
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.train()
-    with cuda_is_identity():
-        opt = make_opt(model)
+    opt = make_optimizer(model, which, lr, **kw)
+    clip_norm = kw["clip_grad_norm"]
     for ids in ids_list:
         t = torch.from_numpy(ids).long()
         loss = model(input_ids=t, labels=t).loss
@@ -212,20 +204,16 @@ def run_reference(hf_dir, make_opt, ids_list, lr, clip_norm):
 @pytest.mark.parametrize("which", ["lomo", "adalomo"])
 def test_matches_lomo_optim_reference(tmp_path, which):
     needs_torch()
-    import lomo_optim
-
     cfg = CONFIGS["mha-tied"] if which == "lomo" else CFG
     hf_dir = make_hf_dir(tmp_path / "hf", cfg, seed=3)
     ids_list = batches(cfg, 3, seed=20)
     if which == "lomo":
         lr, kw = 0.05, dict(clip_grad_norm=1.0, clip_grad_value=0.01, weight_decay=0.1)
-        make_opt = lambda m: lomo_optim.Lomo(m, lr=lr, **kw)  # noqa: E731
         rule = Lomo(**kw)
     else:
         lr, kw = 1e-2, dict(clip_grad_norm=1.0, weight_decay=0.1)
-        make_opt = lambda m: lomo_optim.AdaLomo(m, lr=lr, **kw)  # noqa: E731
         rule = AdaLomo(**kw)
-    theirs = run_reference(hf_dir, make_opt, ids_list, lr, kw["clip_grad_norm"])
+    theirs = run_reference(hf_dir, which, ids_list, lr, kw)
     model = lomo_jax.from_pretrained(hf_dir)
     before = dict(hf_tensors(cfg, jax.tree.map(np.asarray, model.params)))
     state, _ = run_fused(cfg, model.params, rule, ids_list, lr=lr)
