@@ -180,45 +180,35 @@ def random_params(cfg, dtype, seed: int = 0):
 
 
 def jax_row(row: Row, steps: int, lock: Path) -> dict:
+    """The step `lomo-jax train` runs (`train_step.make_train_step`, a batch of training rows),
+    compiled by `lomo_jax.memory.lower` as a plan is, here for the real device."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from lomo_jax.baseline import make_optax_train_step
-    from lomo_jax.engine import TrainState, init_train_state, make_fused_step
     from lomo_jax.loss import Batch
-    from lomo_jax.loss_scale import no_scaling
-    from lomo_jax.model import param_shapes
-    from lomo_jax.optim import AdaLomo, Lomo
-    from lomo_jax.schedule import Schedule
+    from lomo_jax.memory import lower, step_options
+    from lomo_jax.sharding import Layout, make_mesh
+    from lomo_jax.train_step import make_train_step
 
     cfg = model_config(row.model)
     dtype = jnp.bfloat16
-    schedule = Schedule(1e-5)
-    if row.method.startswith("fused-"):
-        rule = AdaLomo() if row.method == "fused-adalomo" else Lomo()
-        init = functools.partial(init_train_state, rule)
-        step = make_fused_step(cfg, rule, schedule)
-    else:
-        tx = optax.adamw(schedule)
-
-        def init(params):
-            return TrainState(params, tx.init(params), jnp.int32(0), no_scaling())
-
-        step = make_optax_train_step(cfg, tx, schedule)
-    like = jax.eval_shape(init, param_shapes(cfg, dtype))
-    ids_like = jax.ShapeDtypeStruct((row.batch, row.seq), jnp.int32)
+    layout = Layout(make_mesh(None, jax.devices()[:1]))
+    method = row.method if row.method.startswith("fused-") else "adamw"
     t0 = time.perf_counter()
-    compiled = step.lower(like, Batch(ids_like, ids_like)).compile()
+    lowered, _ = lower(cfg, method, row.batch, row.seq, dtype, layout)
+    compiled = lowered.compile()
     out = {"compile_s": round(time.perf_counter() - t0, 1), **memory_plan_of(compiled)}
     with contextlib.suppress(Exception):  # XLA's count of what runs (absent for some backends)
         out["xla_flops"] = float(compiled.cost_analysis()["flops"])
     device = jax.devices()[0]
+    init = make_train_step(step_options(method, dtype), cfg, layout).init
     with gpu_turn(lock):
-        state = jax.jit(init)(random_params(cfg, dtype))
+        state = init(random_params(cfg, dtype))
         out["setup_peak_bytes"] = peak_bytes(device)
-        ids = jax.random.randint(jax.random.key(1), ids_like.shape, 0, cfg.vocab_size)
-        batch = Batch(ids, ids)
+        shape = (row.batch, row.seq)
+        ids = jax.random.randint(jax.random.key(1), shape, 0, cfg.vocab_size)
+        positions = jnp.broadcast_to(jnp.arange(row.seq, dtype=jnp.int32), shape)
+        batch = Batch(ids, ids, jnp.ones(shape, jnp.int32), positions)  # one document a row
         seconds, losses = [], []
         for k in range(steps + 1):  # the first step warms up
             t0 = time.perf_counter()
