@@ -242,8 +242,10 @@ def main() -> None:
     p.add_argument("--hlo", type=Path, help="also write the optimized HLO text here")
     a = p.parse_args()
 
+    import lomo_jax
     from lomo_jax import cuda_plugin
 
+    lomo_jax.configure()  # as the CLI, before JAX starts
     cuda_plugin.import_jax()
     import jax.numpy as jnp
 

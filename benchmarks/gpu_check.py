@@ -541,8 +541,10 @@ def main() -> None:
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if a.dry_run:
         os.environ["JAX_PLATFORMS"] = "cpu"
+    import lomo_jax
     from lomo_jax import cuda_plugin
 
+    lomo_jax.configure()  # as the CLI, before JAX starts
     cuda_plugin.import_jax()
     import jax
 
@@ -646,8 +648,10 @@ def _run_child(argv: list[str]) -> None:
     p.add_argument("--steps", type=int)
     a = p.parse_args(argv)
     spec = Row(**json.loads(a.row or a.plan))
+    import lomo_jax
     from lomo_jax import cuda_plugin
 
+    lomo_jax.configure()  # as the CLI, before JAX starts
     cuda_plugin.import_jax()
     if a.plan:
         if os.environ.get("JAX_PLATFORMS") == "cpu":  # a GPU machine: register the plugin

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # several processes, about 2 minutes on 2 cores
 def test_dry_run_checks_and_measures_every_row(tmp_path):
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path), "--dry-run"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
