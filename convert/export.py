@@ -14,7 +14,8 @@ from convert.layout import hf_tensors
 from lomo_jax import checkpoint
 from lomo_jax.atomic import atomic_directory
 from lomo_jax.config import LlamaConfig
-from lomo_jax.tokenizer import LLAMA3_BOS, LLAMA3_EOS, is_tiktoken, llama3_backend
+from lomo_jax.generation_config import GenerationConfig
+from lomo_jax.tokenizer import LLAMA3_BOS, LLAMA3_EOS, is_tiktoken, llama3_backend, saved_name
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
 
@@ -68,8 +69,7 @@ def export_hf(
     params = checkpoint.tree_to_numpy(params)
     with atomic_directory(out, overwrite) as tmp:
         write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        GenerationConfig.of(Path(ckpt), cfg).write(tmp)
         _export_tokenizer(tok_files, tmp, cfg)
     return Path(out)
 
@@ -88,7 +88,8 @@ def _export_tokenizer(files: list[Path], out: Path, cfg: LlamaConfig) -> None:
         }
     else:
         for f in files:
-            shutil.copy(f, out / f.name)
+            (out / saved_name(f)).parent.mkdir(exist_ok=True)
+            shutil.copy(f, out / saved_name(f))
         if names != {"tokenizer.model"}:
             return
         # A bare SentencePiece model: tell transformers which class reads it.

@@ -11,6 +11,7 @@ from convert.layout import TreeBuilder
 from convert.sources import detect
 from lomo_jax import checkpoint, hub
 from lomo_jax.config import LlamaConfig
+from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.tokenizer import tokenizer_from
 
 
@@ -33,6 +34,8 @@ def import_checkpoint(
     dtype: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    cfg, params, files = load(src, tokenizer, dtype)
+    path = hub.resolve(src)
+    generation = GenerationConfig.find(path)  # a bad one is refused before the weights load
+    cfg, params, files = load(path, tokenizer, dtype)
     tokenizer_from(files)  # a file that is no tokenizer is refused now, not at its first use
-    return checkpoint.save_pretrained(out, cfg, params, files, overwrite)
+    return checkpoint.save_pretrained(out, cfg, params, files, overwrite, generation)

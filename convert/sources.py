@@ -17,13 +17,7 @@ from convert import safetensors_file, torch_pickles
 from convert.errors import ConversionError
 from convert.layout import meta_to_hf_rows
 from lomo_jax.config import LlamaConfig
-
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-)
+from lomo_jax.tokenizer import tokenizer_files
 
 
 @dataclasses.dataclass
@@ -84,8 +78,7 @@ def read_hf(d: Path) -> Source:
     dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(
         raw.get("torch_dtype") or raw.get("dtype"), np.float32
     )
-    toks = [d / n for n in HF_TOKENIZER_FILES if (d / n).exists()]
-    return Source(d, cfg, tensors, toks, np.dtype(dtype))
+    return Source(d, cfg, tensors, tokenizer_files(d), np.dtype(dtype))
 
 
 # ---- Meta original (params.json + consolidated.NN.pth) --------------------------------------
@@ -432,8 +425,8 @@ def detect(path: str | Path, tokenizer: str | Path | None = None) -> Source:
 
 def _tokenizer_files(tok: Path) -> list[Path]:
     if tok.is_dir():
-        files = [tok / n for n in HF_TOKENIZER_FILES if (tok / n).exists()]
-        if not files:
+        files = tokenizer_files(tok)
+        if not {"tokenizer.json", "tokenizer.model"} & {f.name for f in files}:
             raise ConversionError(tok, "no tokenizer.json or tokenizer.model in this directory")
         return files
     return [tok]

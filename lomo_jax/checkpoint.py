@@ -1,5 +1,6 @@
 """The lomo-jax model checkpoint: `config.json` (Hugging Face keys), the parameter tree saved with
-orbax under `params/`, and the tokenizer files copied beside them.
+orbax under `params/`, `generation_config.json`, and the tokenizer files (chat templates
+included) copied beside them.
 
 `params/checksums.json` records every file's size and checksum when it is written; a load checks
 them first, so a truncated, missing or damaged file is an error naming it, never weights that
@@ -26,19 +27,15 @@ from lomo_jax.atomic import atomic_directory, copy_file, write_file
 from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.errors import UserError
+from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.parameters import leaf_name
+from lomo_jax.tokenizer import saved_name, tokenizer_files
 
 # (leaf name, global shape) -> where the leaf's shards go
 ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -274,19 +271,25 @@ def read_like(path: Path, like: Any) -> Any:
 
 
 def write_model(
-    directory: Path, config: LlamaConfig, params: Any, tokenizer_files: Iterable[str | Path] = ()
+    directory: Path,
+    config: LlamaConfig,
+    params: Any,
+    tokenizer_files: Iterable[str | Path] = (),
+    generation: GenerationConfig | None = None,
 ) -> None:
-    """Writes config, tokenizer and params into an existing directory (a training run's output
-    directory is also its final model). The params folder appears only once complete."""
+    """Writes config, generation config (by default the one `config` implies), tokenizer and
+    params into an existing directory (a training run's output directory is also its final
+    model). The params folder appears only once complete."""
     for f in tokenizer_files if is_primary() else ():
         f = Path(f)
-        # A SentencePiece model travels under the name Hugging Face looks for.
-        dest = directory / ("tokenizer.model" if f.suffix == ".model" else f.name)
+        dest = directory / saved_name(f)
         if f.resolve() != dest.resolve():
+            dest.parent.mkdir(exist_ok=True)
             copy_file(f, dest)
     with atomic_directory(directory / PARAMS_DIR, overwrite=True) as tmp:
         write_params(tmp, params)
     if is_primary():
+        (generation or GenerationConfig.derived(config)).write(directory)
         write_file(directory / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
 
 
@@ -296,9 +299,10 @@ def save_pretrained(
     params: Any,
     tokenizer_files: Iterable[str | Path] = (),
     overwrite: bool = False,
+    generation: GenerationConfig | None = None,
 ) -> Path:
     with atomic_directory(out, overwrite) as tmp:
-        write_model(tmp, config, params, tokenizer_files)
+        write_model(tmp, config, params, tokenizer_files, generation)
     return Path(out)
 
 
@@ -309,7 +313,7 @@ def read_model_info(path: str | Path) -> tuple[LlamaConfig, list[Path]]:
         cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{p / CONFIG_FILE}: invalid config: {e}") from None
-    return cfg, [p / n for n in TOKENIZER_FILES if (p / n).exists()]
+    return cfg, tokenizer_files(p)
 
 
 def load_pretrained(

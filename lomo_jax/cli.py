@@ -46,15 +46,42 @@ def _layout(a: argparse.Namespace):
     return Layout(make_mesh(a.mesh)) if a.mesh else None
 
 
-def _cmd_generate(a: argparse.Namespace) -> None:
+def _generation_inputs(a: argparse.Namespace):
+    """(model, sampling, max new tokens, chat template text or None) of generate / chat."""
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tokenizer import TokenizerError
 
+    template = Path(a.chat_template).read_text() if a.chat_template else None
     model = from_pretrained(a.ckpt, a.tokenizer, layout=_layout(a))
     if model.tokenizer is None:
         raise TokenizerError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
-    text = model.generate_text(a.prompt, a.max_new_tokens, a.temperature, a.top_p, a.seed)
+    sampling = model.generation_config.sampling(a.temperature, a.top_p, a.top_k)
+    n = model.generation_config.max_new_tokens(a.max_new_tokens)
+    log.info("%s, at most %d new tokens, ending at ids %s", sampling, n, list(model.end_ids))
+    return model, sampling, n, template
+
+
+def _cmd_generate(a: argparse.Namespace) -> None:
+    from lomo_jax.generate import GenerateError
+
+    if a.chat is None and (a.system is not None or a.chat_template):
+        raise GenerateError("--system and --chat-template go with --chat")
+    model, sampling, n, template = _generation_inputs(a)
+    settings = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    if a.chat is None:
+        text = model.generate_text(a.prompt, n, **settings, seed=a.seed)
+    else:
+        system = [{"role": "system", "content": a.system}] if a.system is not None else []
+        messages = [*system, {"role": "user", "content": a.chat}]
+        text = model.chat(messages, n, template=template, **settings, seed=a.seed)
     sys.stdout.write(text + "\n")
+
+
+def _cmd_chat(a: argparse.Namespace) -> None:
+    from lomo_jax.chat_session import chat_loop
+
+    model, sampling, n, template = _generation_inputs(a)
+    chat_loop(model, sys.stdin, sys.stdout, sampling, n, a.system, template, a.seed)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -192,6 +219,21 @@ def _checked(kind: type, ok, requirement: str):
     return parse
 
 
+def _generation_flags(s: argparse.ArgumentParser) -> None:
+    """The flags generate and chat share; None: from the model's generation_config.json."""
+    s.add_argument("--system", help="a system message before the conversation")
+    s.add_argument(
+        "--chat-template", metavar="FILE", help="a Jinja chat template instead of the tokenizer's"
+    )
+    s.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, else 128")
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--top-k", type=int, help="0 = no limit")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    s.add_argument("--mesh", help=MESH_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
     from lomo_jax.attention import IMPLEMENTATIONS
     from lomo_jax.data import FORMATS
@@ -227,16 +269,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("generate", help="print a continuation of BOS + prompt")
+    s = sub.add_parser(
+        "generate",
+        help="print a continuation of BOS + prompt, or the reply to a chat message",
+        description="Stops at every end id of the model's generation_config.json and config. "
+        "Sampling settings not given come from generation_config.json: its temperature, top_p "
+        "and top_k if it says do_sample, else greedy.",
+    )
     s.add_argument("ckpt", help="anything from_pretrained reads")
-    s.add_argument("--prompt", default="")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    s.add_argument("--mesh", help=MESH_HELP)
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default="")
+    what.add_argument(
+        "--chat", metavar="MESSAGE", help="a user message, rendered with the chat template"
+    )
+    _generation_flags(s)
     s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser(
+        "chat",
+        help="a conversation in the terminal (one user message a line)",
+        description="Each line on stdin is a user message; each reply is written on one line of "
+        "stdout. The KV cache lives across turns. /reset starts a new conversation, /exit or "
+        "Ctrl-D quits. Sampling as in generate.",
+    )
+    s.add_argument("ckpt", help="anything from_pretrained reads")
+    _generation_flags(s)
+    s.set_defaults(func=_cmd_chat)
 
     s = sub.add_parser(
         "train",

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# What an import reads from a repository (not, e.g., Meta's original/*.pth beside the weights).
-FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+# What an import reads from a repository (not, e.g., Meta's original/*.pth beside the weights):
+# configs (generation_config.json too), weights, tokenizer files and chat templates.
+FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
 def resolve(ref: str | Path) -> Path:

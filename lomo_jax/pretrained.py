@@ -14,6 +14,7 @@ from lomo_jax import checkpoint, hub
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import GenerateError, generate
+from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.model import forward, param_shapes
 from lomo_jax.sharding import Layout, abstract, put
 from lomo_jax.tokenizer import Tokenizer, TokenizerError, tokenizer_from
@@ -29,44 +30,97 @@ class LlamaModel:
     config: LlamaConfig
     params: Any
     tokenizer: Tokenizer | None = None
+    # End ids and sampling defaults; None: the ones `config` implies.
+    generation_config: GenerationConfig | None = None
+
+    def __post_init__(self):
+        if self.generation_config is None:
+            self.generation_config = GenerationConfig.derived(self.config)
 
     def __call__(self, ids_BT, segment_ids_BT=None) -> jax.Array:
         """int32 token ids [batch, seq] -> float32 logits [batch, seq, vocab]."""
         ids_BT = jnp.asarray(ids_BT, jnp.int32)
         return _logits(self.config, self.params, ids_BT, segment_ids_BT)
 
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: the generation config's and the config's."""
+        return self.generation_config.end_ids(self.config)
+
     def generate(
         self,
         prompt_ids,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int = 0,
     ) -> list[list[int]]:
-        return generate(
-            self.config, self.params, prompt_ids, max_new_tokens, temperature, top_p, seed
-        )
+        """New tokens for each prompt, each cut after its first end id. What is not given comes
+        from the generation config (see `GenerationConfig.sampling`, `.max_new_tokens`)."""
+        g = self.generation_config
+        sampling = g.sampling(temperature, top_p, top_k)
+        n = g.max_new_tokens(max_new_tokens)
+        return generate(self.config, self.params, prompt_ids, n, sampling, seed, self.end_ids)
 
     def generate_text(
         self,
         prompt: str,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
         seed: int = 0,
     ) -> str:
         """Decoded continuation of BOS + prompt (an empty prompt means BOS alone)."""
-        if self.tokenizer is None:
-            raise GenerateError("this checkpoint has no tokenizer; pass --tokenizer when importing")
+        tok = self.require_tokenizer()
         if not prompt and self.config.bos_token_id is None:
             raise TokenizerError("this model has no BOS token to start from; give a --prompt")
-        ids = self.tokenizer.encode(prompt, bos=True) if prompt else [self.config.bos_token_id]
-        out = self.generate([ids], max_new_tokens, temperature, top_p, seed)[0]
-        return self.tokenizer.decode(out)
+        ids = tok.encode(prompt, bos=True) if prompt else [self.config.bos_token_id]
+        out = self.generate(
+            [ids], max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
+        return self.reply_text(out[0])
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int | None = None,
+        *,
+        template: str | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> str:
+        """The assistant's reply to `messages` (role / content dicts), rendered with the chat
+        template (the tokenizer's, or `template`) and its generation prompt."""
+        ids = self.require_tokenizer().encode_chat(
+            messages, add_generation_prompt=True, template=template
+        )
+        out = self.generate(
+            [ids], max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
+        return self.reply_text(out[0])
+
+    def reply_text(self, tokens: list[int]) -> str:
+        """Generated tokens as text, without the end id that stopped them."""
+        if tokens and tokens[-1] in self.end_ids:
+            tokens = tokens[:-1]
+        return self.require_tokenizer().decode(tokens)
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GenerateError("this checkpoint has no tokenizer; pass --tokenizer when importing")
+        return self.tokenizer
 
     def save_pretrained(self, out: str | Path, overwrite: bool = False) -> Path:
         files = self.tokenizer.files if self.tokenizer else ()
-        return checkpoint.save_pretrained(out, self.config, self.params, files, overwrite)
+        return checkpoint.save_pretrained(
+            out, self.config, self.params, files, overwrite, self.generation_config
+        )
 
 
 def _model_info(path: Path, tokenizer: str | Path | None) -> tuple[LlamaConfig, list[Path]]:
@@ -105,7 +159,7 @@ def from_pretrained(
             params = abstract(params, layout.params(params))
     if tokenizer is not None:
         files = [Path(tokenizer)]
-    return LlamaModel(cfg, params, tokenizer_from(files))
+    return LlamaModel(cfg, params, tokenizer_from(files), GenerationConfig.of(path, cfg))
 
 
 def read_weights(

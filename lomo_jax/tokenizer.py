@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
@@ -15,6 +15,33 @@ from lomo_jax.errors import UserError
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be read, or a tokenizer missing where one is needed."""
+
+
+# A Hugging Face tokenizer's files as transformers 5 saves them: its chat template in
+# chat_template.jinja (older ones keep it in tokenizer_config.json), named extra templates
+# (e.g. `tool_use`) as additional_chat_templates/NAME.jinja.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files (chat templates included) a model directory holds."""
+    files = [directory / n for n in HF_TOKENIZER_FILES if (directory / n).is_file()]
+    return files + sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+
+
+def saved_name(f: Path) -> str:
+    """A tokenizer file's path in a model directory: a SentencePiece model under the name
+    Hugging Face looks for, a named chat template in its folder."""
+    if f.parent.name == CHAT_TEMPLATE_DIR:
+        return f"{CHAT_TEMPLATE_DIR}/{f.name}"
+    return "tokenizer.model" if f.suffix == ".model" else f.name
 
 
 # Meta's names of Llama 3's 256 special tokens, numbered after the BPE ranks (its tokenizer.py
@@ -94,6 +121,10 @@ def _llama3_backend(data: bytes):
     return backend
 
 
+# (messages, add_generation_prompt, template or None for the tokenizer's own) -> token ids
+ChatEncoder = Callable[[list[dict], bool, str | None], list[int]]
+
+
 class Tokenizer:
     def __init__(
         self,
@@ -103,9 +134,12 @@ class Tokenizer:
         bos_id: int | None,
         eos_id: int | None,
         files: list[Path],
+        chat: ChatEncoder | None = None,
+        chat_template: str | dict[str, str] | None = None,
     ):
-        self._encode, self._decode = encode, decode
+        self._encode, self._decode, self._chat = encode, decode, chat
         self.vocab_size, self.bos_id, self.eos_id, self.files = vocab_size, bos_id, eos_id, files
+        self.chat_template = chat_template  # {name: template} where it has several
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = list(self._encode(text))
@@ -117,6 +151,27 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode([int(i) for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def check_chat(self, template: str | None = None) -> None:
+        """Refuses, before any work, what `encode_chat` cannot render."""
+        if self._chat is None:
+            where = self.files[0] if self.files else "this tokenizer"
+            raise TokenizerError(f"{where}: chat templates need a Hugging Face tokenizer")
+        where = self.files[0].parent
+        if template is None and self.chat_template is None:
+            raise TokenizerError(
+                f"{where}: the tokenizer has no chat template (neither in tokenizer_config.json "
+                "nor in chat_template.jinja); give one with --chat-template FILE"
+            )
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, template: str | None = None
+    ) -> list[int]:
+        """A conversation as the chat template (the tokenizer's, or `template`) renders it,
+        tokenized as transformers' `apply_chat_template` does: the template writes any BOS, the
+        tokenizer adds none. `add_generation_prompt` ends it with the assistant's header."""
+        self.check_chat(template)
+        return self._chat(messages, add_generation_prompt, template)
 
     @classmethod
     def from_sentencepiece(cls, path: Path) -> Tokenizer:
@@ -145,16 +200,33 @@ class Tokenizer:
             tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{directory}: cannot load tokenizer ({e})") from None
-        files = [
-            p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))
-        ]
+
+        def chat(messages: list[dict], add_generation_prompt: bool, template: str | None):
+            from jinja2 import TemplateError
+
+            try:
+                return list(
+                    tok.apply_chat_template(
+                        messages,
+                        chat_template=template,
+                        add_generation_prompt=add_generation_prompt,
+                        tokenize=True,
+                        return_dict=False,
+                    )
+                )
+            except TemplateError as e:
+                where = "the given chat template" if template else f"{directory}: its chat template"
+                raise TokenizerError(f"{where} says: {e}") from None
+
         return cls(
             lambda s: tok.encode(s, add_special_tokens=False),
             lambda ids: tok.decode(ids, skip_special_tokens=True),
             len(tok),
             tok.bos_token_id,
             tok.eos_token_id,
-            files,
+            tokenizer_files(directory),
+            chat,
+            tok.chat_template,
         )
 
     @classmethod
@@ -183,11 +255,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raise TokenizerError(f"{p}: no tokenizer.model or tokenizer.json found")
 
 
+_HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
 def tokenizer_from(files: list[Path]) -> Tokenizer | None:
     """The tokenizer a checkpoint's tokenizer files make (None without files)."""
     names = {f.name: f for f in files}
     if "tokenizer.json" in names:
         return load_tokenizer(names["tokenizer.json"].parent)
-    if files:
-        return load_tokenizer(names.get("tokenizer.model", files[0]))
-    return None
+    # Else a SentencePiece or tiktoken model (what is not a Hugging Face config or template).
+    models = [f for f in files if f.name not in _HF_SIDE_FILES and f.suffix != ".jinja"]
+    return load_tokenizer(models[0]) if models else None

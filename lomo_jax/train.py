@@ -431,7 +431,9 @@ class _Loop:
             self._evaluate(c.steps)
         self._save()  # the final step is always saved
         files = self.model.tokenizer.files if self.model.tokenizer else ()
-        checkpoint.write_model(self.run.path, self.model.config, self.state.params, files)
+        checkpoint.write_model(
+            self.run.path, self.model.config, self.state.params, files, self.model.generation_config
+        )
         if is_primary():
             plot_losses(self.run.path / "loss.png", {"": self.history})
 

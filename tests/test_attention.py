@@ -170,8 +170,8 @@ def test_cached_generation_on_blockwise_attention_matches_dense():
     cfg = CONFIGS["gqa"].replace(attention_block=4)
     params = lomo_jax.init_params(cfg, jax.random.key(3))
     prompt = random_ids(cfg, 2, 5, seed=2)
-    dense = generate(cfg.replace(attention="dense"), params, prompt, 6, stop_at_eos=False)
-    blockwise = generate(cfg.replace(attention="blockwise"), params, prompt, 6, stop_at_eos=False)
+    dense = generate(cfg.replace(attention="dense"), params, prompt, 6, end_ids=())
+    blockwise = generate(cfg.replace(attention="blockwise"), params, prompt, 6, end_ids=())
     assert blockwise == dense
 
 

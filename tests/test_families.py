@@ -155,7 +155,7 @@ def test_sliding_window_generation_matches_full_forward(hf_dirs):
     picks the argmax of an uncached forward pass; 11 positions outgrow the window of 6."""
     model = lomo_jax.from_pretrained(hf_dirs["mistral"])
     prompt = random_ids(model.config, 2, 1, seed=2)
-    new = np.asarray(generate(model.config, model.params, prompt, 10, stop_at_eos=False))
+    new = np.asarray(generate(model.config, model.params, prompt, 10, end_ids=()))
     logits = np.asarray(model(np.concatenate([prompt, new], axis=1)))
     np.testing.assert_array_equal(new, logits[:, :-1].argmax(-1))
 

@@ -5,7 +5,7 @@ import pytest
 import transformers
 
 import lomo_jax
-from lomo_jax.generate import generate
+from lomo_jax.generate import Sampling, generate
 from tests.conftest import CONFIGS, make_hf_dir, needs_torch, random_ids
 
 
@@ -41,7 +41,7 @@ def test_generation_with_cache_matches_full_forward(tmp_path, any_config):
     """Greedy decoding through the KV cache picks the argmax of an uncached forward pass."""
     model = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", any_config))
     prompt = random_ids(any_config, 2, 5, seed=2)
-    new = np.asarray(generate(any_config, model.params, prompt, 6, stop_at_eos=False))
+    new = np.asarray(generate(any_config, model.params, prompt, 6, end_ids=()))
     logits = np.asarray(model(np.concatenate([prompt, new], axis=1)))
     np.testing.assert_array_equal(new, logits[:, prompt.shape[1] - 1 : -1].argmax(-1))
 
@@ -52,10 +52,8 @@ def test_top_p_keeps_only_the_nucleus(tmp_path):
     cfg = CONFIGS["gqa"]
     model = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "hf", cfg))
     prompt = random_ids(cfg, 1, 4, seed=3)
-    greedy = generate(cfg, model.params, prompt, 8, stop_at_eos=False)
-    nucleus = generate(
-        cfg, model.params, prompt, 8, temperature=5.0, top_p=1e-6, seed=7, stop_at_eos=False
-    )
-    hot = generate(cfg, model.params, prompt, 8, temperature=5.0, seed=7, stop_at_eos=False)
+    greedy = generate(cfg, model.params, prompt, 8, end_ids=())
+    nucleus = generate(cfg, model.params, prompt, 8, Sampling(5.0, top_p=1e-6), 7, end_ids=())
+    hot = generate(cfg, model.params, prompt, 8, Sampling(5.0), seed=7, end_ids=())
     assert nucleus == greedy
     assert hot != greedy  # at temperature 5 over 96 tokens, 8 greedy picks in a row are unlikely
