@@ -26,7 +26,7 @@ from convert import export_hf, import_checkpoint
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
 from lomo_jax.generate import Context, Sampling, generate, warp
-from tests.conftest import CONFIGS, random_ids, train_args
+from tests.conftest import CONFIGS, TINY, random_ids, train_args
 from tests.test_train_cli import write_rows
 
 CHATML = (
@@ -74,13 +74,8 @@ def save_instruct_model(path, chain: bool, **generation):
     tok = qwen2_tokenizer()
     im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     config = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **dict(TINY, vocab_size=VOCAB),
         num_key_value_heads=2,
-        max_position_embeddings=128,
         tie_word_embeddings=False,
         eos_token_id=im_end,
     )
@@ -231,6 +226,20 @@ def test_next_turn_prefills_only_its_new_tokens(chatty):
     again = context.generate([turn2], n, end_ids=ends)[0]
     assert context.prefilled == len(turn2) - shared
     assert again == generate(model.config, model.params, [turn2], n, end_ids=ends)[0]
+
+
+def test_context_runs_what_differs_from_the_shared_prefix(chatty):
+    """A conversation the template renders otherwise than it was read (Qwen3 drops earlier
+    <think> blocks) diverges mid-cache: the cache keeps the shared prefix, runs the rest."""
+    model = lomo_jax.from_pretrained(chatty)
+    first = random_ids(model.config, 1, 20, seed=4)
+    second = np.concatenate([first[:, :7], random_ids(model.config, 1, 15, seed=5)], axis=1)
+    assert first[0, 7] != second[0, 7]
+    context = Context(model.config, model.params)
+    context.generate(first, 4, end_ids=())
+    again = context.generate(second, 4, end_ids=())
+    assert context.prefilled == second.shape[1] - 7
+    assert again == generate(model.config, model.params, second, 4, end_ids=())
 
 
 def test_chat_over_stdin_replies_as_transformers_does(chatty, monkeypatch, capsys):
