@@ -89,7 +89,7 @@ def _bf16_compiled(kind: str):
     """A small bfloat16 model's compiled fused step, evaluation forward or generation step."""
     import jax
 
-    from lomo_jax.generate import KVCache, _next_token
+    from lomo_jax.generate import KVCache, Sampling, _next_token
     from lomo_jax.model import param_shapes
 
     cfg = config(8)
@@ -99,10 +99,11 @@ def _bf16_compiled(kind: str):
     kv = jax.ShapeDtypeStruct((8, B, T, 4, 64), jnp.bfloat16)
     args = (params, jax.ShapeDtypeStruct((B, 1), jnp.int32), KVCache(kv, kv))
     scalars = (
-        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),  # the cache index
+        jax.ShapeDtypeStruct((), jnp.int32),  # the token whose logits are sampled
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
     )
-    return cfg, _next_token.lower(cfg, *args, 0.0, 1.0, *scalars).compile()
+    return cfg, _next_token.lower(cfg, *args, Sampling(), *scalars).compile()
 
 
 @pytest.mark.parametrize("kind", ["fused-adalomo", "inference", "generate"])
