@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("ckpt", help="anything from_pretrained reads")
     what = s.add_mutually_exclusive_group()
-    what.add_argument("--prompt", default="")
+    what.add_argument("--prompt", default="", help="text after BOS (default: BOS alone)")
     what.add_argument(
         "--chat", metavar="MESSAGE", help="a user message, rendered with the chat template"
     )
@@ -288,8 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "chat",
         help="a conversation in the terminal (one user message a line)",
-        description="Each line on stdin is a user message; each reply is written on one line of "
-        "stdout. The KV cache lives across turns. /reset starts a new conversation, /exit or "
+        description="Each line on stdin is a user message; each reply goes to stdout, ended by "
+        "a newline. The KV cache lives across turns. /reset starts a new conversation, /exit or "
         "Ctrl-D quits. Sampling as in generate.",
     )
     s.add_argument("ckpt", help="anything from_pretrained reads")
