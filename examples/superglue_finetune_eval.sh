@@ -17,5 +17,5 @@ head -n 1000 "$TRAIN" > "$OUT-train.jsonl"
 lomo-jax eval "$OUT-base" --task "$TASK" --data "$VAL"
 lomo-jax train --model "$OUT-base" --data "$OUT-train.jsonl" --format superglue --task "$TASK" \
     --optimizer lomo --lr 0.03 --clip-grad-norm 1.0 --schedule linear --warmup-steps 19 \
-    --steps 190 --batch-size 16 --seq-len 128 --out "$OUT"   # ~3-5 min on 2 CPU cores
+    --steps 190 --batch-size 16 --seq-len 128 --truncation-side left --out "$OUT"   # ~3-5 min on 2 CPU cores
 lomo-jax eval "$OUT" --task "$TASK" --data "$VAL"

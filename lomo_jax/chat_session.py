@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from lomo_jax.chat import Renderer, template_for
 from lomo_jax.generate import Context, Sampling
 from lomo_jax.pretrained import LlamaModel
 
@@ -56,9 +57,13 @@ def chat_loop(
     seed: int = 0,
 ) -> int:
     """Reads a user message per line until EOF or /exit and writes each reply on its own line;
-    returns the number of replies. Turn k samples with seed `seed + k`."""
+    returns the number of replies. Turn k samples with seed `seed + k`. `template`: the chat
+    template's text, default the tokenizer's own."""
     tokenizer = model.require_tokenizer()
-    tokenizer.check_chat(template)
+    if template is None:
+        renderer = Renderer(tokenizer, *template_for(tokenizer))
+    else:
+        renderer = Renderer(tokenizer, template)
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
     context = Context(model.config, model.params)
@@ -76,7 +81,7 @@ def chat_loop(
         if not command:
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(messages, add_generation_prompt=True, template=template)
+        ids = renderer.ids(messages, generation_prompt=True)
         room = context_len - len(ids)
         if room <= 0:
             messages.pop()

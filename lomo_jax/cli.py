@@ -48,10 +48,11 @@ def _layout(a: argparse.Namespace):
 
 def _generation_inputs(a: argparse.Namespace):
     """(model, sampling, max new tokens, chat template text or None) of generate / chat."""
+    from lomo_jax.chat import read_template
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tokenizer import TokenizerError
 
-    template = Path(a.chat_template).read_text() if a.chat_template else None
+    template = read_template(a.chat_template) if a.chat_template else None
     model = from_pretrained(a.ckpt, a.tokenizer, layout=_layout(a))
     if model.tokenizer is None:
         raise TokenizerError(f"{a.ckpt}: no tokenizer; pass --tokenizer")
@@ -121,7 +122,7 @@ def _hand_back_memory(phase: str) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     import json
 
-    from lomo_jax.data import build_rows, check_seq_len, check_tokenizer
+    from lomo_jax.data import DataOptions, build_rows, check_seq_len, check_tokenizer
     from lomo_jax.evaluate import evaluate_loss
     from lomo_jax.pretrained import from_pretrained
     from lomo_jax.tasks import TaskError, accuracy, candidate_scores, read_examples
@@ -145,7 +146,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         fmt = a.format or "pretokenized"
         vocab = model.config.vocab_size
         rows = build_rows(
-            fmt, a.data, model.tokenizer, a.seq_len, template=a.template, vocab_size=vocab
+            fmt,
+            a.data,
+            model.tokenizer,
+            a.seq_len,
+            template=a.template,
+            vocab_size=vocab,
+            options=DataOptions.of(a),
         )
         result = evaluate_loss(model.config, model.params, rows, a.batch_size, layout)
         text = (
@@ -153,6 +160,39 @@ def _cmd_eval(a: argparse.Namespace) -> None:
             f"over {result['tokens']} tokens"
         )
     print(json.dumps(result) if a.json else text)
+
+
+def _cmd_data(a: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lomo_jax import preview
+    from lomo_jax.data import DataOptions, build_rows, check_seq_len, check_tokenizer
+    from lomo_jax.pretrained import from_pretrained
+    from lomo_jax.tokenizer import TokenizerError
+
+    model = from_pretrained(a.model, a.tokenizer, np.float32, weights=False)
+    if model.tokenizer is None:
+        raise TokenizerError(f"{a.model}: no tokenizer; pass --tokenizer")
+    check_seq_len(a.seq_len, model.config, a.model)
+    check_tokenizer(model.tokenizer, model.config.vocab_size)
+    options = DataOptions.of(a)
+    rows = build_rows(
+        a.format,
+        a.data,
+        model.tokenizer,
+        a.seq_len,
+        a.task,
+        a.template,
+        model.config.vocab_size,
+        options,
+    )
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        for line in preview.lines(model.tokenizer, rows, a.json, options.pack, color):
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _model_config(src: str):
@@ -234,6 +274,40 @@ def _generation_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mesh", help=MESH_HELP)
 
 
+def _data_flags(s: argparse.ArgumentParser) -> None:
+    """How records become rows, beyond --format: train, eval and data take the same flags."""
+    from lomo_jax.chat import TRAIN_ON
+    from lomo_jax.packing import SIDES
+
+    s.add_argument(
+        "--chat-template",
+        help="with --format chat: a Jinja chat template file (default: the tokenizer's own, "
+        "from chat_template.jinja or tokenizer_config.json)",
+    )
+    s.add_argument(
+        "--messages-field",
+        help="with --format chat: the field holding each conversation (default: messages, "
+        "else conversations)",
+    )
+    s.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        help="loss on every assistant turn (default), the last one, or all tokens",
+    )
+    s.add_argument(
+        "--truncation-side",
+        choices=SIDES,
+        help="right (default): cut a long example's end; left: cut its start (chat: its "
+        "earliest whole turns) and keep the answer",
+    )
+    s.add_argument(
+        "--pack",
+        action="store_true",
+        help="several examples per row, best-fit decreasing; attention stays inside each",
+    )
+    s.add_argument("--data-config", help="the configuration of a Hugging Face dataset --data")
+
+
 def _parser() -> argparse.ArgumentParser:
     from lomo_jax.attention import IMPLEMENTATIONS
     from lomo_jax.data import FORMATS
@@ -304,7 +378,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML file of options; flags override it")
     s.add_argument("--resume", default=None, help="continue the run in this directory")
     s.add_argument("--model", help="anything from_pretrained reads")
-    s.add_argument("--data", help="file or directory (json, jsonl, csv, parquet, txt)")
+    s.add_argument(
+        "--data",
+        help="file or directory (json, jsonl, csv, parquet, txt), or a Hugging Face dataset id "
+        "org/name[:split] (default split train) from the datasets cache",
+    )
     s.add_argument(
         "--format",
         choices=FORMATS,
@@ -318,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
         help="with --format template: YAML with prompt and response "
         "format strings over the record fields (loss on the response)",
     )
+    _data_flags(s)
     s.add_argument("--out", help="run directory; it ends up holding the trained model")
     s.add_argument("--optimizer", choices=OPTIMIZERS, help="default adalomo")
     s.add_argument("--lr", type=float)
@@ -366,12 +445,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
     s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
     s.add_argument("--template", help="with --format template: the prompt / response YAML")
-    s.add_argument("--seq-len", type=_checked(int, lambda v: v >= 2, "at least 2"), default=512)
+    _data_flags(s)
+    seq_len = _checked(int, lambda v: v >= 2, "at least 2")
+    s.add_argument("--seq-len", type=seq_len, default=512)
     s.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "at least 1"), default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
     s.add_argument("--mesh", help=MESH_HELP)
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser(
+        "data",
+        help="show the rows training would see: tokens and loss mask",
+        description="Each row's tokens as text, the tokens in the loss highlighted (or, with "
+        '--json, one {"input_ids", "labels"} object per row: -100 = no loss, padding left '
+        "out); what truncation cost goes to stderr.",
+    )
+    s.add_argument("--model", required=True, help="anything from_pretrained reads (its tokenizer)")
+    s.add_argument("--data", required=True, help="what train takes")
+    s.add_argument("--format", choices=FORMATS, default="pretokenized")
+    s.add_argument("--task", help="with --format superglue")
+    s.add_argument("--template", help="with --format template: the prompt / response YAML")
+    _data_flags(s)
+    s.add_argument("--seq-len", type=seq_len, default=512)
+    s.add_argument("--tokenizer", help="override the model's tokenizer")
+    s.add_argument("--json", action="store_true", help="one JSON object per row")
+    s.set_defaults(func=_cmd_data)
 
     s = sub.add_parser(
         "plan",

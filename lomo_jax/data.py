@@ -1,7 +1,8 @@
-"""Training rows from local files in the formats of `FORMATS`: pre-tokenized rows, packed plain
-text, Alpaca instructions, SuperGLUE tasks rendered with their evaluation prompts, or prompt /
-response templates over any records. A format is a function from a `Source` (the files and the
-options) to `Rows`; a new format is one entry of `FORMATS`.
+"""Training rows from local files or Hugging Face dataset ids in the formats of `FORMATS`:
+pre-tokenized rows, packed plain text, Alpaca instructions, SuperGLUE tasks rendered with their
+evaluation prompts, prompt / response templates over any records, or conversations rendered with
+the model's chat template (`lomo_jax.chat`). A format is a function from a `Source` (the files and
+the options) to `Rows`; a new format is one entry of `FORMATS`.
 
 Every format becomes the same four [N, T] int32 arrays: input_ids, labels (-100 = no loss),
 segment_ids (0 = padding; packed documents get 1, 2, ...) and positions (restarting per
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lomo_jax import chat, packing
 from lomo_jax.atomic import write_file
 from lomo_jax.loss import IGNORE, Batch
+from lomo_jax.packing import Example, truncate
 from lomo_jax.records import DataError, data_files, load_records, read_text
 from lomo_jax.tasks import TaskError, examples_from_records
 from lomo_jax.tokenizer import Tokenizer
@@ -42,22 +45,49 @@ ALPACA_NO_INPUT = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """How records become rows beyond their format (all of it part of the cache key)."""
+
+    truncation_side: str = "right"  # or "left": drop the start of the prompt, keep the answer
+    pack: bool = False  # several examples per row, best-fit decreasing
+    train_on: str = "assistant"  # chat: every assistant turn, the "last" one, or "all" tokens
+    chat_template: str | None = None  # a Jinja file; default: the tokenizer's own
+    messages_field: str | None = None  # default: "messages", else "conversations"
+    data_config: str | None = None  # of a Hugging Face dataset id
+
+    def __post_init__(self):
+        for name, choices in (("truncation_side", packing.SIDES), ("train_on", chat.TRAIN_ON)):
+            if getattr(self, name) not in choices:
+                raise DataError(f"{name} {getattr(self, name)!r}: choose from {', '.join(choices)}")
+
+    @classmethod
+    def of(cls, options) -> DataOptions:
+        """The options an object (a TrainConfig, parsed flags) has, and not as None."""
+        given = {f.name: getattr(options, f.name, None) for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
 @dataclasses.dataclass
 class Rows:
     input_ids: np.ndarray
     labels: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
+    summary: str = ""  # what building them logged: truncation, padding
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.input_ids, self.labels, self.segment_ids, self.positions
+
     def take(self, idx: np.ndarray) -> Rows:
-        return Rows(*(a[idx] for a in dataclasses.astuple(self)))
+        return Rows(*(a[idx] for a in self.arrays()))
 
     def batch(self) -> Batch:
         """The rows as the engine's batch (same field order), still in host memory."""
-        return Batch(*dataclasses.astuple(self))
+        return Batch(*self.arrays())
 
 
 def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = None) -> np.ndarray:
@@ -106,48 +136,61 @@ def _require(
                 )
 
 
-def _pad_rows(pairs: list[tuple[list[int], list[int]]], seq_len: int) -> Rows:
-    n = len(pairs)
-    ids = np.zeros((n, seq_len), np.int32)
-    labels = np.full((n, seq_len), IGNORE, np.int32)
-    seg = np.zeros((n, seq_len), np.int32)
-    for k, (x, y) in enumerate(pairs):
-        ids[k, : len(x)], labels[k, : len(y)], seg[k, : len(x)] = x, y, 1
-    pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
-    return Rows(ids, labels, seg, pos)
-
-
 def _prompt_response(
-    tok: Tokenizer, prompts: list[str], responses: list[str], seq_len: int, path
+    tok: Tokenizer, prompts: list[str], responses: list[str], seq_len: int, path, o: DataOptions
 ) -> Rows:
-    """BOS + prompt + response + EOS; only the response (and EOS) carries loss."""
-    pairs, truncated, empty = [], 0, 0
+    """BOS + prompt + response + EOS; only the response (and EOS) carries loss, unless
+    --train-on all."""
+    examples, empty = [], 0
     for prompt, response in zip(prompts, responses):
         if not response.strip():
             empty += 1
             continue
         p = tok.encode(prompt, bos=True)
         r = tok.encode(response, bos=False, eos=True)
-        ids = p + r
-        if len(ids) > seq_len:
-            truncated += 1
-            ids = ids[:seq_len]
-        labels = ([IGNORE] * len(p) + r)[:seq_len]
-        if all(t == IGNORE for t in labels[1:]):
-            empty += 1  # the prompt alone fills the row: nothing to learn from
-            continue
-        pairs.append((ids, labels))
-    log.info(
-        "%s: %d rows, %d truncated to %d tokens, %d empty skipped",
-        path,
-        len(pairs),
-        truncated,
-        seq_len,
-        empty,
+        labels = (p if o.train_on == "all" else [IGNORE] * len(p)) + r
+        keep = int(tok.bos_id is not None)
+        examples.append(truncate(Example(p + r, labels), seq_len, o.truncation_side, keep))
+    return _rows(examples, seq_len, path, o, empty)
+
+
+def _rows(examples: list[Example], seq_len: int, path, o: DataOptions, empty: int = 0) -> Rows:
+    """The examples that keep a loss token, in rows (packed with --pack); the log says what
+    truncation cost and how much of the rows is padding, packed and not."""
+    usable = [ex for ex in examples if ex.loss_tokens]
+    lengths = [len(ex.ids) for ex in usable]
+    truncated = sum(ex.truncated for ex in examples)
+    lost = sum(ex.lost > 0 for ex in usable)
+    rows = {False: len(usable), True: packing.packed_rows(lengths, seq_len)}
+    pad = {k: packing.padding_fraction(lengths, n, seq_len) for k, n in rows.items()}
+    summary = (
+        f"{path}: {rows[o.pack]} rows of {seq_len} tokens from {len(usable)} examples, "
+        f"{truncated} truncated ({lost} of them lost loss tokens, {len(examples) - len(usable)} "
+        f"kept none and are skipped), {empty} empty skipped; padding {pad[o.pack]:.1%} "
+        f"({'unpacked' if o.pack else 'packed'}: {pad[not o.pack]:.1%} in {rows[not o.pack]} rows)"
     )
-    if not pairs:
-        raise DataError(f"{path}: no usable row")
-    return _pad_rows(pairs, seq_len)
+    log.info("%s", summary)
+    if not usable:
+        if not examples:
+            raise DataError(f"{path}: no usable row ({empty} records with an empty response)")
+        raise DataError(
+            f"{path}: no usable row: truncation to --seq-len {seq_len} left no example a loss "
+            "token; raise --seq-len"
+            + (" or pass --truncation-side left" if o.truncation_side == "right" else "")
+        )
+    return Rows(*packing.to_rows(usable, seq_len, o.pack), summary=summary)
+
+
+def _whole_documents(tok: Tokenizer, docs: list[str], seq_len: int, path, o: DataOptions) -> Rows:
+    """Documents as BOS + text + EOS, each whole in a row (cut into rows when longer than one),
+    packed best-fit decreasing."""
+    pieces = [
+        ids[k : k + seq_len]
+        for ids in (tok.encode(d, bos=True, eos=True) for d in docs if d.strip())
+        for k in range(0, len(ids), seq_len)
+    ]
+    empty = sum(not d.strip() for d in docs)
+    return _rows([Example(ids, ids) for ids in pieces], seq_len, path, o, empty)
 
 
 def _packed_text(tok: Tokenizer, docs: list[str], seq_len: int, path) -> Rows:
@@ -226,10 +269,17 @@ def _fill(template: str, records: list[dict], places: list[str], path) -> list[s
     return out
 
 
-def _cache_key(fmt: str, path: Path, tok: Tokenizer | None, seq_len: int, task, template) -> str:
-    h = hashlib.sha256(json.dumps([fmt, seq_len, task]).encode())
+def _cache_key(src: Source) -> str:
+    """The rows' identity: the format and its options, and every input file's path, size and
+    mtime (the data, the tokenizer's, a template's)."""
+    tok, o = src.tokenizer, src.options
+    chat_template = _renderer(src).template if src.fmt == "chat" else None
+    h = hashlib.sha256(
+        json.dumps([src.fmt, src.seq_len, src.task, dataclasses.astuple(o), chat_template]).encode()
+    )
+    template = src.template
     extra = [Path(template)] if template and Path(template).is_file() else []
-    for f in data_files(path) + (tok.files if tok else []) + extra:
+    for f in data_files(Path(src.path)) + (tok.files if tok else []) + extra:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
@@ -246,8 +296,9 @@ def _read_cache(f: Path, seq_len: int) -> Rows | None:
         return None
     try:
         with np.load(f) as z:
-            rows = Rows(**{field.name: z[field.name] for field in dataclasses.fields(Rows)})
-        shapes = {(a.shape, a.dtype) for a in dataclasses.astuple(rows)}
+            names = [field.name for field in dataclasses.fields(Rows)]
+            rows = Rows(*(z[name] for name in names[:-1]), summary=str(z[names[-1]]))
+        shapes = {(a.shape, a.dtype) for a in rows.arrays()}
         if shapes != {((len(rows), seq_len), np.dtype(np.int32))} or not len(rows):
             raise ValueError("unexpected shapes")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
@@ -278,6 +329,7 @@ class Source:
     task: str | None = None  # superglue
     template: str | None = None  # template: the YAML file
     vocab_size: int | None = None  # pretokenized: every id checked as it is read
+    options: DataOptions = DataOptions()
 
     def needed_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -294,15 +346,21 @@ def _pretokenized(src: Source) -> Rows:
     return Rows(ids, ids.copy(), np.ones_like(ids), pos)
 
 
+def _records(src: Source) -> tuple[list[dict], list[str]]:
+    return load_records(src.path, src.options.data_config)
+
+
 def _text(src: Source) -> Rows:
-    records, places = load_records(src.path)  # the file's own problems are reported first
+    records, places = _records(src)  # the file's own problems are reported first
     _require(records, places, src.fmt, ("text",))
     docs = [r["text"] or "" for r in records]
+    if src.options.pack:
+        return _whole_documents(src.needed_tokenizer(), docs, src.seq_len, src.path, src.options)
     return _packed_text(src.needed_tokenizer(), docs, src.seq_len, src.path)
 
 
 def _alpaca(src: Source) -> Rows:
-    records, places = load_records(src.path)
+    records, places = _records(src)
     _require(records, places, src.fmt, ("instruction", "output"), optional=("input",))
     tok = src.needed_tokenizer()
     prompts = [
@@ -312,22 +370,22 @@ def _alpaca(src: Source) -> Rows:
         for r in records
     ]
     responses = [r["output"] or "" for r in records]
-    return _prompt_response(tok, prompts, responses, src.seq_len, src.path)
+    return _prompt_response(tok, prompts, responses, src.seq_len, src.path, src.options)
 
 
 def _templated(src: Source) -> Rows:
-    records, places = load_records(src.path)
+    records, places = _records(src)
     if src.template is None:
         raise DataError("format template needs --template FILE")
     prompt, response = _template(src.template)
     prompts = _fill(prompt, records, places, src.template)
     responses = _fill(response, records, places, src.template)
     tok = src.needed_tokenizer()
-    return _prompt_response(tok, prompts, responses, src.seq_len, src.path)
+    return _prompt_response(tok, prompts, responses, src.seq_len, src.path, src.options)
 
 
 def _superglue(src: Source) -> Rows:
-    records, places = load_records(src.path)
+    records, places = _records(src)
     if src.task is None:
         raise DataError("format superglue needs --task")
     try:
@@ -337,7 +395,23 @@ def _superglue(src: Source) -> Rows:
     tok = src.needed_tokenizer()
     prompts = [ex.context for ex in examples]
     answers = [ex.candidates[ex.label] for ex in examples]
-    return _prompt_response(tok, prompts, answers, src.seq_len, src.path)
+    return _prompt_response(tok, prompts, answers, src.seq_len, src.path, src.options)
+
+
+def _renderer(src: Source) -> chat.Renderer:
+    """The chat template (--chat-template, else the tokenizer's own) with the tokenizer."""
+    tok = src.needed_tokenizer()
+    return chat.Renderer(tok, *chat.template_for(tok, src.options.chat_template))
+
+
+def _chat(src: Source) -> Rows:
+    records, places = _records(src)
+    o = src.options
+    renderer = _renderer(src)
+    examples = chat.examples(
+        records, places, renderer, src.seq_len, o.train_on, o.truncation_side, o.messages_field
+    )
+    return _rows(examples, src.seq_len, src.path, o)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +427,7 @@ FORMATS: dict[str, Format] = {
     "alpaca": Format(_alpaca),
     "superglue": Format(_superglue),
     "template": Format(_templated),
+    "chat": Format(_chat),
 }
 
 
@@ -364,20 +439,23 @@ def build_rows(
     task: str | None = None,
     template: str | None = None,
     vocab_size: int | None = None,
+    options: DataOptions = DataOptions(),
 ) -> Rows:
-    """Tokenized rows, cached by file identity (path, size, mtime), format and tokenizer, so a
-    second run over the same data starts at once; with `vocab_size`, every id is checked to fit."""
+    """Tokenized rows, cached by file identity (path, size, mtime), format, options and
+    tokenizer, so a second run over the same data starts at once; with `vocab_size`, every id is
+    checked to fit."""
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    src = Source(fmt, path, tok, seq_len, task, template, vocab_size)
+    src = Source(fmt, path, tok, seq_len, task, template, vocab_size, options)
     if not FORMATS[fmt].cached or not Path(path).exists():
         rows = FORMATS[fmt].build(src)
     else:
-        key = _cache_key(fmt, Path(path), tok, seq_len, task, template)
-        cached = cache_dir() / f"rows-{key}.npz"
+        cached = cache_dir() / f"rows-{_cache_key(src)}.npz"
         rows = _read_cache(cached, seq_len)
         if rows is not None:
             log.info("%s: %d tokenized rows from the cache %s", path, len(rows), cached)
+            if rows.summary:
+                log.info("%s", rows.summary)
         else:
             rows = FORMATS[fmt].build(src)
             _write_cache(cached, rows)

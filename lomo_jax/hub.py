@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+from lomo_jax.errors import first_line
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # also a dataset's (`lomo_jax.records`)
 # What an import reads from a repository (not, e.g., Meta's original/*.pth beside the weights):
 # configs (generation_config.json too), weights, tokenizer files and chat templates.
 FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
@@ -17,7 +19,7 @@ FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 def resolve(ref: str | Path) -> Path:
     """A local path as it is; an `org/name` that is not one -> its snapshot directory."""
     path = Path(ref)
-    if path.exists() or not _REPO_ID.fullmatch(str(ref)):
+    if path.exists() or not REPO_ID.fullmatch(str(ref)):
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -30,5 +32,4 @@ def resolve(ref: str | Path) -> Path:
             f"fetch it with `hf download {ref}`"
         ) from None
     except HfHubHTTPError as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"{ref}: the Hugging Face Hub says: {why}") from None
+        raise FileNotFoundError(f"{ref}: the Hugging Face Hub says: {first_line(e)}") from None

@@ -1,5 +1,7 @@
-"""Records from local data files: JSON, JSON lines, CSV, Parquet, or the lines of text files,
-each with the place it came from (file:line, or its record / row number) for error messages.
+"""Records from local data files (JSON, JSON lines, CSV, Parquet, or the lines of text files) or
+from a Hugging Face dataset id (`org/name[:split]`, read through `datasets.load_dataset` from its
+cache, offline as model ids are), each with the place it came from (file:line, or its record / row
+number) for error messages.
 
 What the records become is another module's: training rows (`lomo_jax.data`), a task's examples
 (`lomo_jax.tasks`).
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from lomo_jax.errors import UserError
+from lomo_jax.errors import UserError, first_line
+from lomo_jax.hub import REPO_ID
 
 SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
+_DATASET_ID = re.compile(rf"({REPO_ID.pattern})(?::(.+))?")  # a split may be a slice: train[:10%]
 
 
 class DataError(UserError, ValueError):
@@ -68,14 +73,17 @@ def _json_records(f: Path) -> tuple[list, list[str]]:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """`datasets` without its progress bars for the block, as the caller had it afterwards."""
+    """`datasets` without its progress bars and warnings for the block, as the caller had it
+    afterwards."""
     import datasets
 
-    shown = datasets.is_progress_bar_enabled()
+    shown, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
 
@@ -91,14 +99,43 @@ def _table_records(f: Path) -> tuple[list, list[str]]:
     except Exception as e:  # datasets raises many types for malformed files
         while e.__cause__ is not None:  # the parser's own error says what is wrong
             e = e.__cause__
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{f}: cannot read as {kind}: {msg}") from None
+        raise DataError(f"{f}: cannot read as {kind}: {first_line(e)}") from None
     return got, [f"{f}:{n}" if kind == "text" else f"{f}: row {n}" for n in range(1, len(got) + 1)]
 
 
-def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
+def is_dataset_id(ref: str | Path) -> bool:
+    """`org/name` or `org/name:split` that is no local path."""
+    return not Path(ref).exists() and _DATASET_ID.fullmatch(str(ref)) is not None
+
+
+def _dataset_records(ref: str, config: str | None = None) -> tuple[list[dict], list[str]]:
+    """The records of a dataset split (default `train`) and where each one is (`ref: row n`)."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    repo, split = _DATASET_ID.fullmatch(ref).groups()
+    split = split or "train"
+    try:
+        with _quiet_datasets():
+            ds = datasets.load_dataset(repo, config, split=split)
+    except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as e:
+        raise DataError(
+            f"{ref}: no such file, and not a dataset in the Hugging Face datasets cache "
+            f"({datasets.config.HF_DATASETS_CACHE}) ({first_line(e)})"
+        ) from None
+    except ValueError as e:  # an unknown split or configuration: the lines name the known ones
+        raise DataError(f"{ref}: {' '.join(str(e).split())}") from None
+    places = [f"{repo}:{split}: row {n}" for n in range(1, len(ds) + 1)]
+    return ds.to_list(), places
+
+
+def load_records(path: str | Path, config: str | None = None) -> tuple[list[dict], list[str]]:
     """Records of JSON / JSON lines / CSV / Parquet files, or {"text": line} of text files, with
-    where each one is (file:line, or the record / row number) for error messages."""
+    where each one is (file:line, or the record / row number) for error messages; or of a
+    Hugging Face dataset id (`org/name[:split]`, its configuration `config`) that is no local
+    path."""
+    if is_dataset_id(path):
+        return _dataset_records(str(path), config)
     records, places = [], []
     for f in data_files(Path(path)):
         got, where = _json_records(f) if f.suffix in (".json", ".jsonl") else _table_records(f)

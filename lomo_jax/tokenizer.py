@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
@@ -20,12 +21,13 @@ class TokenizerError(UserError, ValueError):
 # A Hugging Face tokenizer's files as transformers 5 saves them: its chat template in
 # chat_template.jinja (older ones keep it in tokenizer_config.json), named extra templates
 # (e.g. `tool_use`) as additional_chat_templates/NAME.jinja.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
-    "chat_template.jinja",
+    CHAT_TEMPLATE_FILE,
 )
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
@@ -121,10 +123,6 @@ def _llama3_backend(data: bytes):
     return backend
 
 
-# (messages, add_generation_prompt, template or None for the tokenizer's own) -> token ids
-ChatEncoder = Callable[[list[dict], bool, str | None], list[int]]
-
-
 class Tokenizer:
     def __init__(
         self,
@@ -134,12 +132,17 @@ class Tokenizer:
         bos_id: int | None,
         eos_id: int | None,
         files: list[Path],
-        chat: ChatEncoder | None = None,
-        chat_template: str | dict[str, str] | None = None,
+        special_tokens: dict | None = None,
+        control: dict[str, int] | None = None,
     ):
-        self._encode, self._decode, self._chat = encode, decode, chat
+        """`decode(ids, skip_special)`; `special_tokens`: what a chat template calls them
+        (bos_token, eos_token, ...); `control`: special tokens' text that `encode` reads as plain
+        text (SentencePiece's <s>, </s>), mapped to their ids."""
+        self._encode, self._decode = encode, decode
         self.vocab_size, self.bos_id, self.eos_id, self.files = vocab_size, bos_id, eos_id, files
-        self.chat_template = chat_template  # {name: template} where it has several
+        self.special_tokens = special_tokens or {}
+        self._control = control or {}
+        self._control_re = re.compile("(" + "|".join(map(re.escape, self._control)) + ")")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = list(self._encode(text))
@@ -149,29 +152,68 @@ class Tokenizer:
             ids = ids + [self.eos_id]
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._decode([int(i) for i in ids if i not in (self.bos_id, self.eos_id)])
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat template's text, tokenized as `apply_chat_template` does: the special
+        tokens the text spells (BOS, <|im_end|>, ...) become their ids, and nothing is added."""
+        if not self._control:
+            return list(self._encode(text))
+        ids = []
+        for piece in self._control_re.split(text):  # the separators are kept: odd pieces
+            if piece in self._control:
+                ids.append(self._control[piece])
+            elif piece:
+                ids += self._encode(piece)
+        return ids
 
-    def check_chat(self, template: str | None = None) -> None:
-        """Refuses, before any work, what `encode_chat` cannot render."""
-        if self._chat is None:
-            where = self.files[0] if self.files else "this tokenizer"
-            raise TokenizerError(f"{where}: chat templates need a Hugging Face tokenizer")
-        where = self.files[0].parent
-        if template is None and self.chat_template is None:
+    def decode(self, ids: Sequence[int], special: bool = False) -> str:
+        """The text of `ids`; with `special`, special tokens are spelled out rather than dropped."""
+        ids = [int(i) for i in ids]
+        if special:
+            return self._decode(ids, False)
+        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)], True)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template beside the tokenizer's files (`chat_template_of`), or None."""
+        return chat_template_of(self.files[0].parent) if self.files else None
+
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False, template=None
+    ) -> str:
+        """What `apply_chat_template(messages, tokenize=False)` gives with the chat template
+        (`template`, else the tokenizer's own). A template's own refusal (`raise_exception`, a
+        Jinja error) is jinja2's TemplateError, for the caller to say where."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = template if template is not None else self.chat_template
+        if template is None:
+            where = self.files[0].parent if self.files else "the tokenizer"
             raise TokenizerError(
-                f"{where}: the tokenizer has no chat template (neither in tokenizer_config.json "
-                "nor in chat_template.jinja); give one with --chat-template FILE"
+                f"{where}: no chat template (neither chat_template.jinja nor a chat_template in "
+                "tokenizer_config.json); pass --chat-template FILE"
             )
+        conversations, _ = render_jinja_template(
+            [list(messages)],
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+        )
+        return conversations[0]
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, template: str | None = None
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, template=None
     ) -> list[int]:
-        """A conversation as the chat template (the tokenizer's, or `template`) renders it,
-        tokenized as transformers' `apply_chat_template` does: the template writes any BOS, the
-        tokenizer adds none. `add_generation_prompt` ends it with the assistant's header."""
-        self.check_chat(template)
-        return self._chat(messages, add_generation_prompt, template)
+        """A conversation's token ids as `apply_chat_template(..., tokenize=True)` gives them:
+        rendered with the chat template (`template`, else the tokenizer's own), the template
+        writing any BOS and the tokenizer adding none; `add_generation_prompt` ends it with the
+        assistant's header."""
+        from jinja2 import TemplateError
+
+        try:
+            text = self.render_chat(messages, add_generation_prompt, template)
+        except TemplateError as e:
+            raise TokenizerError(f"the chat template refuses the conversation: {e}") from None
+        return self.encode_rendered(text)
 
     @classmethod
     def from_sentencepiece(cls, path: Path) -> Tokenizer:
@@ -183,13 +225,17 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path}: not a SentencePiece model ({e})") from None
         opt = lambda i: i if i >= 0 else None  # noqa: E731
+        control = {sp.IdToPiece(i): i for i in range(sp.GetPieceSize()) if sp.IsControl(i)}
+        names = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
         return cls(
             sp.EncodeAsIds,
-            sp.DecodeIds,
+            functools.partial(_sentencepiece_decode, sp),
             sp.GetPieceSize(),
             opt(sp.bos_id()),
             opt(sp.eos_id()),
             [path],
+            {name: sp.IdToPiece(i) for name, i in names.items() if i >= 0},
+            control,
         )
 
     @classmethod
@@ -220,13 +266,12 @@ class Tokenizer:
 
         return cls(
             lambda s: tok.encode(s, add_special_tokens=False),
-            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
             len(tok),
             tok.bos_token_id,
             tok.eos_token_id,
             tokenizer_files(directory),
-            chat,
-            tok.chat_template,
+            dict(tok.special_tokens_map),
         )
 
     @classmethod
@@ -235,12 +280,50 @@ class Tokenizer:
         backend = llama3_backend(path)
         return cls(
             lambda s: backend.encode(s, add_special_tokens=False).ids,
-            lambda ids: backend.decode(ids, skip_special_tokens=True),
+            lambda ids, skip: backend.decode(ids, skip_special_tokens=skip),
             backend.get_vocab_size(),
             backend.token_to_id(LLAMA3_BOS),
             backend.token_to_id(LLAMA3_EOS),
             [path],
+            {"bos_token": LLAMA3_BOS, "eos_token": LLAMA3_EOS},
         )
+
+
+def _sentencepiece_decode(sp, ids: list[int], skip_special: bool) -> str:
+    """SentencePiece drops control tokens (<s>, </s>) when it decodes; spelled out unless
+    `skip_special`."""
+    if skip_special:
+        return sp.DecodeIds(ids)
+    out, run = [], []
+    for i in ids:
+        if sp.IsControl(i):
+            out += [sp.DecodeIds(run), sp.IdToPiece(i)]
+            run = []
+        else:
+            run.append(i)
+    return "".join(out) + sp.DecodeIds(run)
+
+
+def chat_template_of(directory: str | Path) -> str | None:
+    """The chat template a tokenizer directory carries, where transformers looks for it:
+    `chat_template.jinja` (what transformers 5 saves), else `tokenizer_config.json`'s
+    `chat_template` (text, or a list of named templates: the "default" one). None without one."""
+    d = Path(directory)
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    f = d / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    try:
+        template = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:  # UnicodeDecodeError and JSONDecodeError are too
+        raise TokenizerError(f"{f}: not a JSON object ({e})") from None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{f}: chat_template must be text, got {type(template).__name__}")
+    return template
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -22,10 +22,13 @@ import numpy as np
 import yaml
 
 from lomo_jax import checkpoint, interrupt
-from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
+from lomo_jax.atomic import copy_file
+from lomo_jax.chat import TRAIN_ON
+from lomo_jax.data import FORMATS, DataOptions, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
+from lomo_jax.packing import SIDES
 from lomo_jax.pretrained import LlamaModel, from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
@@ -33,6 +36,7 @@ from lomo_jax.rundir import RunDir
 from lomo_jax.schedule import SCHEDULES
 from lomo_jax.sharding import Layout, MeshError, make_mesh
 from lomo_jax.state import NonFiniteError, TrainState
+from lomo_jax.tokenizer import CHAT_TEMPLATE_FILE
 from lomo_jax.train_step import DTYPES, OPTIMIZERS, StepOptions, abstract_state, make_train_step
 
 log = logging.getLogger("lomo_jax")
@@ -60,6 +64,8 @@ _CHOICES = {
     "schedule": SCHEDULES,
     "dtype": tuple(DTYPES),
     "rounding": ROUNDINGS,
+    "train_on": TRAIN_ON,
+    "truncation_side": SIDES,
 }
 _AT_LEAST = {
     "lr": 0,
@@ -107,6 +113,12 @@ class TrainConfig:
     format: str = "pretokenized"
     task: str | None = None
     template: str | None = None
+    chat_template: str | None = None  # default: the tokenizer's own
+    messages_field: str | None = None  # default: messages, else conversations
+    train_on: str = "assistant"
+    truncation_side: str = "right"
+    pack: bool = False
+    data_config: str | None = None  # of a Hugging Face dataset id
     tokenizer: str | None = None
     optimizer: str = "adalomo"
     lr: float = 1e-3
@@ -229,7 +241,14 @@ def _rows_of_step(c: TrainConfig, rows: Rows, step: int) -> Rows:
 def _split_eval(c: TrainConfig, rows: Rows, tokenizer, vocab: int) -> tuple[Rows, Rows | None]:
     if c.eval_data:
         eval_rows = build_rows(
-            c.format, c.eval_data, tokenizer, c.seq_len, c.task, c.template, vocab
+            c.format,
+            c.eval_data,
+            tokenizer,
+            c.seq_len,
+            c.task,
+            c.template,
+            vocab,
+            DataOptions.of(c),
         )
         return rows, eval_rows
     if c.eval_fraction > 0:
@@ -247,7 +266,14 @@ def _load_inputs(c: TrainConfig, layout: Layout):
     check_seq_len(c.seq_len, cfg, c.model)
     check_tokenizer(model.tokenizer, cfg.vocab_size)
     rows = build_rows(
-        c.format, c.data, model.tokenizer, c.seq_len, c.task, c.template, cfg.vocab_size
+        c.format,
+        c.data,
+        model.tokenizer,
+        c.seq_len,
+        c.task,
+        c.template,
+        cfg.vocab_size,
+        DataOptions.of(c),
     )
     rows, eval_rows = _split_eval(c, rows, model.tokenizer, cfg.vocab_size)
     if c.rows_per_step > len(rows):
@@ -434,6 +460,8 @@ class _Loop:
         checkpoint.write_model(
             self.run.path, self.model.config, self.state.params, files, self.model.generation_config
         )
+        if c.chat_template and is_primary():  # the model goes on with the template it learned
+            copy_file(Path(c.chat_template), self.run.path / CHAT_TEMPLATE_FILE)
         if is_primary():
             plot_losses(self.run.path / "loss.png", {"": self.history})
 

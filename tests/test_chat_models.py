@@ -16,7 +16,6 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -26,8 +25,7 @@ from convert import export_hf, import_checkpoint
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
 from lomo_jax.generate import Context, Sampling, generate, warp
-from tests.conftest import CONFIGS, TINY, random_ids, train_args
-from tests.test_train_cli import write_rows
+from tests.conftest import CONFIGS, TINY, needs_torch, random_ids, train_args
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -71,6 +69,7 @@ def qwen2_tokenizer() -> transformers.PreTrainedTokenizerBase:
 def save_instruct_model(path, chain: bool, **generation):
     """A tiny Qwen2 saved with save_pretrained, its tokenizer's templates in chat_template.jinja
     and additional_chat_templates/; end ids [<|im_end|>, <|endoftext|>], pad <|endoftext|>."""
+    torch = needs_torch()
     tok = qwen2_tokenizer()
     im_end, eot = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     config = transformers.Qwen2Config(
@@ -127,12 +126,22 @@ def assert_keeps_chat(out, src):
     assert (out / name).read_text() == (src / name).read_text()
 
 
+@pytest.mark.slow
 def test_instruct_model_round_trip_keeps_template_and_end_ids(instruct, tmp_path, capsys):
+    """import -> train 2 steps on conversations (`--format chat`, the model's own template) ->
+    export."""
+    torch = needs_torch()
     ckpt, run, out = tmp_path / "ckpt", tmp_path / "run", tmp_path / "out"
-    data = write_rows(tmp_path / "rows.jsonl", random_ids(CONFIGS["gqa"], 4, 16))
+    data = tmp_path / "chats.jsonl"
+    turns = zip(CORPUS, CORPUS[1:] + CORPUS[:1])
+    conversations = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in turns
+    ]
+    data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     assert main(["import", str(instruct), str(ckpt)]) == 0
-    flags = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-3"]
-    assert main(train_args(ckpt, data, run, *flags)) == 0
+    flags = ["--format", "chat", "--steps", "2", "--batch-size", "2", "--seq-len", "64"]
+    assert main(train_args(ckpt, data, run, *flags, "--lr", "1e-3")) == 0
     assert main(["export", str(run), str(out)]) == 0
     assert isinstance(hf_tokenizer(instruct).chat_template, dict)  # both places are exercised
     for model in (ckpt, run, out):
@@ -197,6 +206,7 @@ def test_hub_id_brings_template_and_generation_config(instruct, tmp_path, monkey
 
 def test_meta_and_llama2c_get_a_generation_config_of_their_end_ids(tmp_path):
     """Llama 3 stops at each of Meta's end ids; a llama2.c model at its EOS."""
+    needs_torch()  # Meta's checkpoints are PyTorch pickles
     cfg = CONFIGS["gqa"]
     llama3 = cfg.replace(vocab_size=128256, rope_theta=500000.0)
     write_meta(tmp_path / "meta", llama3, random_hf_tensors(llama3), multiple_of=32)
@@ -246,6 +256,7 @@ def test_chat_over_stdin_replies_as_transformers_does(chatty, monkeypatch, capsy
     """Each reply is transformers' greedy generation on the whole conversation so far; /reset
     starts over (the same first reply), /exit ends before the last line; a message the model's
     context cannot hold is refused with one line, and the conversation goes on without it."""
+    torch = needs_torch()
     lines = ["hello how are you", "the cat sat", "/reset", "hello how are you", "/exit", "bye"]
     too_long = " ".join(["the cat sat on the mat"] * 30)
     text = "\n".join(lines[:2] + [too_long] + lines[2:]) + "\n"
@@ -292,6 +303,7 @@ def test_sampling_defaults_come_from_the_generation_config(instruct, chatty):
     "sampling", [Sampling(0.7, 0.9, 20), Sampling(1.3, 0.5), Sampling(0.5, 1.0, 3)]
 )
 def test_warp_matches_transformers_logits_warpers(sampling):
+    torch = needs_torch()
     logits = np.random.default_rng(0).normal(0, 3, (3, VOCAB)).astype(np.float32)
     theirs = torch.from_numpy(logits)
     theirs = transformers.TemperatureLogitsWarper(sampling.temperature)(None, theirs)
@@ -350,7 +362,7 @@ def test_bad_chat_inputs_are_one_line(chatty, tmp_path, capsys):
     shutil.copytree(chatty, bad_config)
     (bad_config / "generation_config.json").write_text('{"eos_token_id": [2], "top_p": 2}')
     cases = [
-        (["generate", str(plain), "--chat", "hi"], f"{plain}: the tokenizer has no chat template"),
+        (["generate", str(plain), "--chat", "hi"], f"{plain}: no chat template (neither"),
         (["generate", str(chatty), "--system", "x"], "--system and --chat-template go with --chat"),
         (
             ["import", str(bad_config), str(tmp_path / "out")],
