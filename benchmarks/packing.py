@@ -21,11 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from lomo_jax import cuda_plugin
-
-cuda_plugin.import_jax()  # before anything imports JAX: quiet where the CUDA plugin has no GPU
-
-from lomo_jax.config import LlamaConfig  # noqa: E402
+import lomo_jax
+from lomo_jax.config import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -49,17 +46,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    lomo_jax.configure()  # as the CLI, before JAX starts
 
     import jax
     import jax.numpy as jnp
 
     from lomo_jax.data import DataOptions, build_rows
-    from lomo_jax.engine import init_train_state, make_fused_step
     from lomo_jax.model import init_params
-    from lomo_jax.optim import AdaLomo
-    from lomo_jax.schedule import Schedule
     from lomo_jax.tokenizer import load_tokenizer
     from lomo_jax.train import batch_indices
+    from lomo_jax.train_step import StepOptions, make_train_step
 
     tok = load_tokenizer(a.tokenizer)
     options = DataOptions("left", chat_template=a.chat_template)
@@ -69,10 +65,9 @@ def main() -> None:
             "chat", a.data, tok, a.seq_len, options=dataclasses.replace(options, pack=True)
         ),
     }
-    rule = AdaLomo()
-    step = make_fused_step(CONFIG, rule, Schedule(1e-3))
+    init, step = make_train_step(StepOptions("adalomo"), CONFIG)
     params = init_params(CONFIG, jax.random.key(0), jnp.float32)
-    states = {k: init_train_state(rule, jax.tree.map(jnp.array, params)) for k in rows}
+    states = {k: init(jax.tree.map(jnp.array, params)) for k in rows}
     batches = {
         k: [
             r.take(batch_indices(len(r), a.batch_size, s, True, 0)).batch()

@@ -2,7 +2,8 @@
 # Chat fine-tuning: the stories260K llama2.c model learns to answer in the turns of a chat
 # template (examples/chat_template.jinja: "User: ..." / "Assistant: ...</s>"), on conversations in
 # OpenAI `messages` jsonl or ShareGPT `conversations` json, with fused AdaLomo, the loss on the
-# assistant's turns only, conversations packed into rows; then validation loss before and after.
+# assistant's turns only, conversations packed into rows; then validation loss before and after,
+# and a reply to a chat message.
 #   examples/chat_sft.sh ../shared/data/chat/alpaca_sharegpt_multiturn.json [runs/chat] [../shared/data/llama2c]
 set -euo pipefail
 DATA=${1:?conversations: OpenAI messages jsonl or ShareGPT json}
@@ -17,7 +18,7 @@ mkdir -p "$(dirname "$OUT")"
 lomo-jax import "$MODEL_DIR/stories260K.bin" "$OUT-base" --tokenizer "$MODEL_DIR/tok512.model"
 python - "$DATA" "$OUT-data" <<'PY'
 import json, sys, pathlib
-from lomo_jax.data import load_records
+from lomo_jax.records import load_records
 records, _ = load_records(sys.argv[1])
 out = pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
 cut = int(len(records) * 0.9)
@@ -32,5 +33,7 @@ lomo-jax train --model "$OUT-base" --data "$OUT-data/train.jsonl" "${ROWS[@]}" -
     --optimizer adalomo --lr 5e-3 --schedule cosine --warmup-steps 10 \
     --steps 200 --batch-size 8 --out "$OUT"
 lomo-jax eval "$OUT" --data "$OUT-data/val.jsonl" "${ROWS[@]}"
-lomo-jax generate "$OUT" --prompt "$(printf 'User: Name three colors.\nAssistant:')" --max-new-tokens 60
+# The run keeps the template it was trained with (chat_template.jinja), so --chat renders with it
+# and the reply stops at the EOS that ends an assistant's turn.
+lomo-jax generate "$OUT" --chat "Name three colors." --max-new-tokens 60
 echo "loss plot: $OUT/loss.png; Hugging Face export: lomo-jax export $OUT $OUT-hf"

@@ -55,13 +55,8 @@ def template_for(tok: Tokenizer, path: str | Path | None = None) -> tuple[str, s
     """(template, where it is): the file `path`, else the one beside the tokenizer's files."""
     if path is not None:
         return read_template(path), str(path)
-    where = tok.files[0].parent if tok.files else None
-    template = tok.chat_template
-    if template is None:
-        raise ChatError(
-            f"{where or 'the tokenizer'}: no chat template (neither chat_template.jinja nor a "
-            "chat_template in tokenizer_config.json); pass --chat-template FILE"
-        )
+    template = tok.own_chat_template()
+    where = tok.files[0].parent
     jinja = where / CHAT_TEMPLATE_FILE
     return template, str(jinja) if jinja.is_file() else f"{where}/tokenizer_config.json's template"
 

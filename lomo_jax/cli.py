@@ -177,7 +177,7 @@ def _cmd_data(a: argparse.Namespace) -> None:
     check_tokenizer(model.tokenizer, model.config.vocab_size)
     options = DataOptions.of(a)
     rows = build_rows(
-        a.format,
+        a.format or "pretokenized",
         a.data,
         model.tokenizer,
         a.seq_len,
@@ -306,6 +306,19 @@ def _data_flags(s: argparse.ArgumentParser) -> None:
         help="several examples per row, best-fit decreasing; attention stays inside each",
     )
     s.add_argument("--data-config", help="the configuration of a Hugging Face dataset --data")
+
+
+def _rows_flags(s: argparse.ArgumentParser, data: str, format: str, task: str | None = None):
+    """The data a command reads as rows (eval, data): the file and its format, as train takes
+    them; the helps say what each command does with them."""
+    from lomo_jax.data import FORMATS
+
+    s.add_argument("--data", required=True, help=data)
+    s.add_argument("--format", choices=FORMATS, help=format)
+    s.add_argument("--task", help=task or "with --format superglue")
+    s.add_argument("--template", help="with --format template: the prompt / response YAML")
+    _data_flags(s)
+    s.add_argument("--seq-len", type=_checked(int, lambda v: v >= 2, "at least 2"), default=512)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -441,13 +454,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="loss / perplexity, or SuperGLUE multiple-choice accuracy")
     s.add_argument("ckpt", help="anything from_pretrained reads")
-    s.add_argument("--data", required=True, help="what train takes, or a task's jsonl")
-    s.add_argument("--format", choices=FORMATS, help="loss and perplexity on this format")
-    s.add_argument("--task", help="accuracy on copa, rte, cb, boolq, wic, wsc or multirc")
-    s.add_argument("--template", help="with --format template: the prompt / response YAML")
-    _data_flags(s)
-    seq_len = _checked(int, lambda v: v >= 2, "at least 2")
-    s.add_argument("--seq-len", type=seq_len, default=512)
+    _rows_flags(
+        s,
+        data="what train takes, or a task's jsonl",
+        format="loss and perplexity on this format",
+        task="accuracy on copa, rte, cb, boolq, wic, wsc or multirc",
+    )
     s.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "at least 1"), default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
@@ -462,12 +474,7 @@ def _parser() -> argparse.ArgumentParser:
         "out); what truncation cost goes to stderr.",
     )
     s.add_argument("--model", required=True, help="anything from_pretrained reads (its tokenizer)")
-    s.add_argument("--data", required=True, help="what train takes")
-    s.add_argument("--format", choices=FORMATS, default="pretokenized")
-    s.add_argument("--task", help="with --format superglue")
-    s.add_argument("--template", help="with --format template: the prompt / response YAML")
-    _data_flags(s)
-    s.add_argument("--seq-len", type=seq_len, default=512)
+    _rows_flags(s, data="what train takes", format="default pretokenized")
     s.add_argument("--tokenizer", help="override the model's tokenizer")
     s.add_argument("--json", action="store_true", help="one JSON object per row")
     s.set_defaults(func=_cmd_data)

@@ -177,21 +177,29 @@ class Tokenizer:
         """The chat template beside the tokenizer's files (`chat_template_of`), or None."""
         return chat_template_of(self.files[0].parent) if self.files else None
 
-    def render_chat(
-        self, messages: Sequence[dict], add_generation_prompt: bool = False, template=None
-    ) -> str:
-        """What `apply_chat_template(messages, tokenize=False)` gives with the chat template
-        (`template`, else the tokenizer's own). A template's own refusal (`raise_exception`, a
-        Jinja error) is jinja2's TemplateError, for the caller to say where."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        template = template if template is not None else self.chat_template
+    def own_chat_template(self) -> str:
+        """`chat_template`, or an error saying where it was looked for."""
+        template = self.chat_template
         if template is None:
             where = self.files[0].parent if self.files else "the tokenizer"
             raise TokenizerError(
                 f"{where}: no chat template (neither chat_template.jinja nor a chat_template in "
                 "tokenizer_config.json); pass --chat-template FILE"
             )
+        return template
+
+    def render_chat(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = False,
+        template: str | None = None,
+    ) -> str:
+        """What `apply_chat_template(messages, tokenize=False)` gives with the chat template
+        (`template`, else the tokenizer's own). A template's own refusal (`raise_exception`, a
+        Jinja error) is jinja2's TemplateError, for the caller to say where."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = template if template is not None else self.own_chat_template()
         conversations, _ = render_jinja_template(
             [list(messages)],
             chat_template=template,
@@ -201,7 +209,10 @@ class Tokenizer:
         return conversations[0]
 
     def encode_chat(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True, template=None
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
     ) -> list[int]:
         """A conversation's token ids as `apply_chat_template(..., tokenize=True)` gives them:
         rendered with the chat template (`template`, else the tokenizer's own), the template
