@@ -258,23 +258,6 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise TokenizerError(f"{directory}: cannot load tokenizer ({e})") from None
 
-        def chat(messages: list[dict], add_generation_prompt: bool, template: str | None):
-            from jinja2 import TemplateError
-
-            try:
-                return list(
-                    tok.apply_chat_template(
-                        messages,
-                        chat_template=template,
-                        add_generation_prompt=add_generation_prompt,
-                        tokenize=True,
-                        return_dict=False,
-                    )
-                )
-            except TemplateError as e:
-                where = "the given chat template" if template else f"{directory}: its chat template"
-                raise TokenizerError(f"{where} says: {e}") from None
-
         return cls(
             lambda s: tok.encode(s, add_special_tokens=False),
             lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),
