@@ -133,10 +133,10 @@ def test_instruct_model_round_trip_keeps_template_and_end_ids(instruct, tmp_path
     torch = needs_torch()
     ckpt, run, out = tmp_path / "ckpt", tmp_path / "run", tmp_path / "out"
     data = tmp_path / "chats.jsonl"
-    turns = zip(CORPUS, CORPUS[1:] + CORPUS[:1])
-    conversations = [
+    turns = [("the cat sat on the mat", "bye for now"), ("bye for now", "the cat sat on the mat")]
+    conversations = [  # none about the chain the weights hold after "hello how are you"
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-        for q, a in turns
+        for q, a in turns * 2
     ]
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     assert main(["import", str(instruct), str(ckpt)]) == 0
