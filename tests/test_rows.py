@@ -150,6 +150,7 @@ def test_packed_rows_hold_the_same_examples(tok, sharegpt):
     assert f"padding {pad[0]:.1%} (packed: {pad[1]:.1%} in {len(packed)} rows)" in unpacked.summary
 
 
+@pytest.mark.slow
 def test_a_fused_step_on_packed_rows_equals_the_unpacked_one(stories, tok, sharegpt):
     """LOMO (its update is the gradient times lr, so a wrong loss normalization would show)."""
     model = lomo_jax.from_pretrained(stories)
