@@ -460,7 +460,9 @@ class _Loop:
         checkpoint.write_model(
             self.run.path, self.model.config, self.state.params, files, self.model.generation_config
         )
-        if c.chat_template and is_primary():  # the model goes on with the template it learned
+        if c.format == "chat" and c.chat_template and is_primary():
+            # The template the rows were rendered with (read before the first step) stays the
+            # model's own: generate --chat, chat and the export use it.
             copy_file(Path(c.chat_template), self.run.path / CHAT_TEMPLATE_FILE)
         if is_primary():
             plot_losses(self.run.path / "loss.png", {"": self.history})
