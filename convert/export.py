@@ -12,8 +12,9 @@ import numpy as np
 from convert import safetensors_file, torch_pickles
 from convert.layout import hf_tensors
 from lomo_jax import checkpoint
-from lomo_jax.atomic import atomic_directory
+from lomo_jax.atomic import atomic_directory, check_free
 from lomo_jax.config import LlamaConfig
+from lomo_jax.lock import claim
 from lomo_jax.tokenizer import LLAMA3_BOS, LLAMA3_EOS, is_tiktoken, llama3_backend
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
@@ -64,13 +65,15 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
-    params = checkpoint.tree_to_numpy(params)
-    with atomic_directory(out, overwrite) as tmp:
-        write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        _export_tokenizer(tok_files, tmp, cfg)
+    with claim(out, "export", reads=(ckpt,)) as path:  # before the checkpoint is read
+        check_free(path, overwrite)
+        cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
+        params = checkpoint.tree_to_numpy(params)
+        with atomic_directory(out, overwrite) as tmp:
+            write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+            _export_tokenizer(tok_files, tmp, cfg)
     return Path(out)
 
 

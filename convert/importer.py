@@ -10,7 +10,9 @@ import numpy as np
 from convert.layout import TreeBuilder
 from convert.sources import detect
 from lomo_jax import checkpoint, hub
+from lomo_jax.atomic import check_free
 from lomo_jax.config import LlamaConfig
+from lomo_jax.lock import claim
 from lomo_jax.tokenizer import tokenizer_from
 
 
@@ -20,6 +22,7 @@ def load(
     """(config, numpy parameter tree, tokenizer files) of a HF / Meta / llama2.c checkpoint;
     `path` may be a Hub id (`org/name`) in the local Hugging Face cache."""
     src = detect(hub.resolve(path), tokenizer)
+    src.check_size()
     builder = TreeBuilder(src.config, np.dtype(dtype) if dtype is not None else src.dtype)
     for file, name, array in src.tensors():
         builder.put(file, name, array)
@@ -33,6 +36,8 @@ def import_checkpoint(
     dtype: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    cfg, params, files = load(src, tokenizer, dtype)
-    tokenizer_from(files)  # a file that is no tokenizer is refused now, not at its first use
-    return checkpoint.save_pretrained(out, cfg, params, files, overwrite)
+    with claim(out, "import", reads=(src,)) as path:  # before the source is read
+        check_free(path, overwrite)
+        cfg, params, files = load(src, tokenizer, dtype)
+        tokenizer_from(files)  # a file that is no tokenizer is refused now, not at its first use
+        return checkpoint.save_pretrained(out, cfg, params, files, overwrite)

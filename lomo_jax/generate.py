@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.errors import UserError
 from lomo_jax.model import KVCache, Params, decoder_layers, embed, head
+
+MAX_SEED = 2**32 - 1  # jax.random.key's seeds are uint32
 
 
 class GenerateError(UserError, ValueError):
@@ -65,17 +68,34 @@ def generate(
     seed: int = 0,
     stop_at_eos: bool = True,
 ) -> list[list[int]]:
-    """New tokens for each prompt (all prompts the same length); a row stops after its EOS."""
-    if not temperature >= 0:
+    """New tokens for each prompt (all prompts the same length); a row stops after its EOS.
+    Prompt and new tokens stay within the model's context (`max_position_embeddings`)."""
+    if not 0 <= temperature < math.inf:
         raise GenerateError(f"temperature must be at least 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise GenerateError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-    prompt_BT = np.asarray(prompt_ids, dtype=np.int32)
+    if not 0 <= seed <= MAX_SEED:
+        raise GenerateError(f"seed must be an integer in [0, {MAX_SEED}], got {seed}")
+    prompt_BT = np.asarray(prompt_ids, dtype=np.int64)
     if prompt_BT.ndim != 2 or prompt_BT.shape[1] == 0:
         raise GenerateError("prompt_ids must be a non-empty [batch, length] array")
+    if prompt_BT.min() < 0 or prompt_BT.max() >= cfg.vocab_size:
+        bad = prompt_BT.min() if prompt_BT.min() < 0 else prompt_BT.max()
+        raise GenerateError(
+            f"prompt token id {bad} does not fit the model's vocab_size {cfg.vocab_size} "
+            "(wrong tokenizer?)"
+        )
     B, T = prompt_BT.shape
+    context = cfg.max_position_embeddings
+    if T + max_new_tokens > context:
+        room = f"; at most {context - T}" if T < context else ""
+        raise GenerateError(
+            f"max_new_tokens {max_new_tokens}: with the prompt's {T} token(s) that is beyond the "
+            f"model's context (max_position_embeddings {context}){room}"
+        )
+    prompt_BT = prompt_BT.astype(np.int32)
     S = T + max_new_tokens
     L, KVH, K = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     dtype = params["embed"]["embedding"].dtype

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
+from lomo_jax.inputs import is_unicode
 
 
 class TokenizerError(UserError, ValueError):
@@ -108,6 +109,8 @@ class Tokenizer:
         self.vocab_size, self.bos_id, self.eos_id, self.files = vocab_size, bos_id, eos_id, files
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not (text.isascii() or is_unicode(text)):
+            raise TokenizerError(f"cannot tokenize {ascii(text[:40])}...: not valid Unicode")
         ids = list(self._encode(text))
         if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -143,8 +146,9 @@ class Tokenizer:
 
         try:
             tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise TokenizerError(f"{directory}: cannot load tokenizer ({e})") from None
+        except Exception as e:  # transformers raises many types for files that are no tokenizer
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"{directory}: cannot load tokenizer ({why})") from None
         files = [
             p for p in directory.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))
         ]

@@ -19,13 +19,13 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from lomo_jax import checkpoint, interrupt
 from lomo_jax.data import FORMATS, Rows, build_rows, check_seq_len, check_tokenizer
 from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
+from lomo_jax.inputs import load_yaml, shown, text_problem
 from lomo_jax.pretrained import LlamaModel, from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
 from lomo_jax.rounding import ROUNDINGS
@@ -74,6 +74,23 @@ _AT_LEAST = {
     "save_every": 0,
     "keep_checkpoints": 0,
 }
+# The ranges the step takes: an int32 step count (and so every count of steps, rows or tokens),
+# a uint32 seed (the rounding bits' key).
+INT32 = 2**31 - 1
+_AT_MOST = dict.fromkeys(
+    (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "warmup_steps",
+        "gradient_accumulation_steps",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+    ),
+    INT32,
+) | {"seed": 2**32 - 1}
+_PATHS = ("model", "data", "out", "template", "tokenizer", "eval_data")
 _EXPECTED = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
 
 
@@ -86,17 +103,22 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         if base == "bool":
             return value
     elif base == "str" and isinstance(value, str | os.PathLike):
-        return os.fspath(value)
+        text = os.fspath(value)
+        if isinstance(text, str):
+            empty = "an empty path" if not text and name in _PATHS else None
+            if problem := text_problem(text) or empty:
+                raise OptionError(name, problem)
+            return text
     elif base == "int" and isinstance(value, int):
         return value
     elif base in ("int", "float") and isinstance(value, int | float | str):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):
             number = float(value)
             if base == "float":
                 return number
             if number.is_integer():
                 return int(number)
-    raise OptionError(name, f"expected {_EXPECTED[base]}, got {value!r}")
+    raise OptionError(name, f"expected {_EXPECTED[base]}, got {shown(value)}")
 
 
 @dataclasses.dataclass
@@ -137,18 +159,26 @@ class TrainConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise OptionError(
-                    name, f"{getattr(self, name)!r}; choose from {', '.join(choices)}"
+                    name, f"{shown(getattr(self, name))}; choose from {', '.join(choices)}"
                 )
         for name, low in _AT_LEAST.items():
             value = getattr(self, name)
+            if name in _AT_MOST and value > _AT_MOST[name]:
+                raise OptionError(name, f"must be at most {_AT_MOST[name]}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):
-                raise OptionError(name, f"must be at least {low}, got {value}")
+                raise OptionError(name, f"must be at least {low}, got {shown(value)}")
         for name in ("clip_grad_norm", "clip_grad_value"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise OptionError(name, f"must be positive (0 or absent: no clipping), got {value}")
             if value == 0:
                 setattr(self, name, None)
+        if self.rows_per_step * self.seq_len > INT32:
+            raise OptionError(
+                "batch_size",
+                f"{self.rows_per_step} rows of {self.seq_len} tokens a step; at most {INT32} "
+                "tokens (JAX indexes them with int32)",
+            )
         if not 0 <= self.eval_fraction < 1:
             raise OptionError("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction and self.eval_data:
@@ -188,17 +218,12 @@ class TrainConfig:
         loaded: dict[str, Any] = {}
         if yaml_file:
             p = Path(yaml_file)
-            if not p.is_file():
-                raise ConfigError(f"{p}: {'a directory' if p.is_dir() else 'file not found'}")
-            try:
-                loaded = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+            loaded = load_yaml(p, ConfigError) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: expected a mapping of option: value")
             unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)}, key=str)
             if unknown:
-                raise ConfigError(f"{p}: unknown option {unknown[0]!r}")
+                raise ConfigError(f"{p}: unknown option {shown(unknown[0])}")
             values.update(loaded)
         values.update(overrides)
         missing = [k for k in ("model", "data", "out") if values.get(k) is None]

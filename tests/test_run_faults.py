@@ -16,6 +16,7 @@ import pytest
 from lomo_jax import checkpoint
 from lomo_jax.checkpoint import read_params, verify_checksums, write_checksums, write_params
 from lomo_jax.cli import main
+from lomo_jax.lock import lock_file
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_resume import leftovers, run_with_fault
 from tests.test_train_cli import write_rows
@@ -192,14 +193,14 @@ def test_a_metrics_line_cut_short_is_dropped(tmp_path, finished, capsys):
 
 
 def snapshot(d):
-    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_not(tmp_path, finished, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = snapshot(run)
-    with open(run / ".lock", "a+") as held:  # another process training in RUN
+    with open(lock_file(run), "a+") as held:  # another process training in RUN
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.truncate(0)
         held.write("lomo-jax train, pid 4242 on elsewhere\n")
