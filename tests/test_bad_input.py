@@ -169,6 +169,23 @@ CONFIG_CASES = [
     (hf_config(rope_scaling=[8.0]), "rope_scaling must be an object, got [8.0]"),
     (hf_config(tie_word_embeddings="no"), "tie_word_embeddings must be true or false, got 'no'"),
     (hf_config(eos_token_id="</s>"), "eos_token_id must be a token id (an integer >= 0), got '<"),
+    (hf_config(head_dim=15), "head_dim must be even (RoPE turns pairs), got 15"),
+    (
+        hf_config(rope_scaling={"rope_type": "linear"}),
+        "rope_scaling factor must be a positive number, got None",
+    ),
+    (
+        hf_config(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 4.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
+        "rope_scaling high_freq_factor must be above low_freq_factor",
+    ),
 ]
 
 CASES = [
