@@ -59,7 +59,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from lomo_jax.distributed import initialize
-    from lomo_jax.rundir import CONFIG_FILE
+    from lomo_jax.resume import checkpoint_of
     from lomo_jax.train import TrainConfig, train
 
     initialize(
@@ -71,12 +71,16 @@ def _cmd_train(a: argparse.Namespace) -> None:
     given = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     if "no_shuffle" in vars(a):
         given["shuffle"] = not a.no_shuffle
-    base = a.config
-    if a.resume:
-        base, given["out"] = Path(a.resume) / CONFIG_FILE, a.resume
-        if not base.is_file():
-            raise FileNotFoundError(f"{a.resume}: no {CONFIG_FILE}, not a run to resume")
-    train(TrainConfig.from_sources(base, given), bool(a.resume), _hand_back_memory)
+    origin = given.pop("from_checkpoint", None)
+    if not (a.resume or origin):
+        train(TrainConfig.from_sources(a.config, given), False, _hand_back_memory)
+        return
+    if not a.resume:  # a checkpoint of a run: RUN/checkpoints/step_N
+        a.resume = str(checkpoint_of(origin, None).parent.parent)
+    c, changes = TrainConfig.resumed(a.resume, a.config, given, origin)
+    if changes:
+        log.info("%s with %s", "branching" if origin else "resuming", ", ".join(changes))
+    train(c, origin is None, _hand_back_memory)
 
 
 def _hand_back_memory(phase: str) -> None:
@@ -278,7 +282,16 @@ def _parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     s.add_argument("--config", default=None, help="YAML file of options; flags override it")
-    s.add_argument("--resume", default=None, help="continue the run in this directory")
+    s.add_argument(
+        "--resume",
+        default=None,
+        help="continue the run in this directory (options that may change: see README)",
+    )
+    s.add_argument(
+        "--from-checkpoint",
+        help="with --resume RUN and --out NEW: a new run from RUN's checkpoint "
+        "(step_00000200), with RUN's options and its history up to that step",
+    )
     s.add_argument("--model", help="anything from_pretrained reads")
     s.add_argument("--data", help="file or directory (json, jsonl, csv, parquet, txt)")
     s.add_argument(
@@ -392,7 +405,7 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 _PATHS = ("src", "ckpt", "out", "model", "data", "eval_data", "tokenizer", "template")
-_PATHS += ("config", "resume")
+_PATHS += ("config", "resume", "from_checkpoint")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

@@ -62,7 +62,7 @@ CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "tensorboard"
 STATE_FILE = "state.json"
-_STEP_DIR = re.compile(r"^step_\d{8,10}$")  # zero-padded to 8 digits; an int32 has up to 10
+STEP_DIR = re.compile(r"step_\d{8,10}")  # zero-padded to 8 digits; an int32 has up to 10
 INT32 = 2**31 - 1  # a step is an int32
 
 
@@ -160,8 +160,10 @@ class RunDir:
 
     # ---- the options --------------------------------------------------------------------
     def write_config(self, options: dict[str, Any]) -> None:
-        if is_primary():
-            write_file(self.path / CONFIG_FILE, yaml.safe_dump(options, sort_keys=False))
+        """The run's options, replaced whole (unchanged ones leave the file as it is)."""
+        f, text = self.path / CONFIG_FILE, yaml.safe_dump(options, sort_keys=False)
+        if is_primary() and not (f.is_file() and f.read_text(errors="replace") == text):
+            write_file(f, text)
 
     # ---- metrics ------------------------------------------------------------------------
     @property
@@ -171,25 +173,16 @@ class RunDir:
     def history_until(self, step: int) -> list[dict]:
         """The metrics up to `step`, rewritten so: what followed the checkpoint is dropped, and
         so is a line a crash cut short."""
-        f = self.metrics_file
-        lines = f.read_text(errors="replace").splitlines() if f.exists() else []
-        history, bad = [], []
-        for n, line in enumerate(lines, 1):
-            try:
-                m = json.loads(line)
-                if not isinstance(m, dict) or type(m.get("step")) is not int:
-                    raise ValueError
-            except (ValueError, RecursionError):
-                bad.append(n)
-                continue
-            if m["step"] <= step:
-                history.append(m)
-        if bad:
-            log.warning("%s: dropped unreadable line(s) %s", f, ", ".join(map(str, bad)))
+        history = read_history(self.metrics_file, step)
         barrier("read the metrics")
-        if is_primary():
-            write_file(f, "".join(json.dumps(m) + "\n" for m in history))
+        self.write_history(history)
         return history
+
+    def write_history(self, history: list[dict]) -> None:
+        """metrics.jsonl replaced whole by `history` (left as it is when it holds just that)."""
+        f, text = self.metrics_file, "".join(json.dumps(m) + "\n" for m in history)
+        if is_primary() and not (f.is_file() and f.read_text(errors="replace") == text):
+            write_file(f, text)
 
     def record(self, m: dict) -> None:
         """One step's or evaluation's metrics, in metrics.jsonl and TensorBoard."""
@@ -204,8 +197,21 @@ class RunDir:
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         d = self.path / CKPT_DIR
-        steps = (p for p in d.iterdir() if _STEP_DIR.match(p.name)) if d.is_dir() else ()
-        return sorted((p for p in steps if p.is_dir()), key=lambda p: int(p.name[5:]))
+        steps = (p for p in d.iterdir() if STEP_DIR.fullmatch(p.name)) if d.is_dir() else ()
+        return sorted((p for p in steps if p.is_dir()), key=step_of)
+
+    def finished(self, steps: int) -> bool:
+        """Whether the run holds its checkpoint of step `steps` and the model written after it
+        (a model of an earlier finish is older than the checkpoint)."""
+        ckpts = self.checkpoints()
+        if not (ckpts and ckpts[-1].name == f"step_{steps:08d}"):
+            return False
+        model, state = self.path / checkpoint.CONFIG_FILE, ckpts[-1] / STATE_FILE
+        return (
+            checkpoint.is_checkpoint(self.path)
+            and state.is_file()
+            and model.stat().st_mtime_ns >= state.stat().st_mtime_ns
+        )
 
     def kept(self) -> str:
         """The checkpoint the run would resume from, for messages."""
@@ -251,6 +257,31 @@ class RunDir:
             log.info("resuming from %s", ckpt)
             return state
         return None
+
+
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint directory's name says it holds."""
+    return int(ckpt.name[5:])
+
+
+def read_history(f: Path, step: int) -> list[dict]:
+    """The lines of metrics file `f` up to `step` (none when it is absent); an unreadable one is
+    dropped with a warning."""
+    lines = f.read_text(errors="replace").splitlines() if f.exists() else []
+    history, bad = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            m = json.loads(line)
+            if not isinstance(m, dict) or type(m.get("step")) is not int:
+                raise ValueError
+        except (ValueError, RecursionError):
+            bad.append(n)
+            continue
+        if m["step"] <= step:
+            history.append(m)
+    if bad:
+        log.warning("%s: dropped unreadable line(s) %s", f, ", ".join(map(str, bad)))
+    return history
 
 
 @contextlib.contextmanager

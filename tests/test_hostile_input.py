@@ -264,6 +264,10 @@ ARGPARSE = {
         ["eval", "m", "--data", "d", "--batch-size", "0"],
         "eval: argument --batch-size: must be at least 1, got 0",
     ),
+    "a plan on more devices than XLA builds at once": (  # 100000 took 19 GB and minutes
+        ["plan", "--model", "llama-7b", "--devices", "100000"],
+        "plan: argument --devices: must be at most 1024, got 100000",
+    ),
 }
 
 

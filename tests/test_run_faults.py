@@ -158,15 +158,16 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(tmp_path, finished, ca
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     damaged = damage(run / "checkpoints" / "step_00000002")
-    assert main(["train", "--resume", str(run), "--steps", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 0
     err = capsys.readouterr().err
     assert str(damaged) in err and "resuming from the checkpoint before it" in err, err[-3000:]
-    step1 = read_params(finished / "checkpoints" / "step_00000001" / "params")
-    model = read_params(run / "params")  # the final model: step 1's weights, not step 2's
-    assert [np.asarray(x).tobytes() for x in jax.tree.leaves(model)] == [
-        np.asarray(x).tobytes() for x in jax.tree.leaves(step1)
+    # Step 2 taken again from step 1's checkpoint: the weights the damaged one held, bit for bit.
+    step2 = read_params(finished / "checkpoints" / "step_00000002" / "params")
+    again = read_params(run / "checkpoints" / "step_00000002" / "params")
+    assert [np.asarray(x).tobytes() for x in jax.tree.leaves(again)] == [
+        np.asarray(x).tobytes() for x in jax.tree.leaves(step2)
     ]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1, 2, 3]
 
 
 def test_no_checkpoint_that_loads_is_one_line(tmp_path, finished, capsys):
@@ -174,7 +175,7 @@ def test_no_checkpoint_that_loads_is_one_line(tmp_path, finished, capsys):
     shutil.copytree(finished, run)
     truncate(run / "checkpoints" / "step_00000002")
     f = flip_byte(run / "checkpoints" / "step_00000001")
-    assert main(["train", "--resume", str(run)]) == 1
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 1  # a step to take from one
     err = capsys.readouterr().err
     assert last_line(err) == (
         f"lomo-jax: error: {f}: damaged (its checksum differs from the one saved) "
