@@ -183,6 +183,7 @@ class RunDir:
         f, text = self.metrics_file, "".join(json.dumps(m) + "\n" for m in history)
         if is_primary() and not (f.is_file() and f.read_text(errors="replace") == text):
             write_file(f, text)
+        barrier("wrote the metrics")  # every process reads them back whole
 
     def record(self, m: dict) -> None:
         """One step's or evaluation's metrics, in metrics.jsonl and TensorBoard."""
