@@ -12,9 +12,10 @@ import numpy as np
 from convert import safetensors_file, torch_pickles
 from convert.layout import hf_tensors
 from lomo_jax import checkpoint
-from lomo_jax.atomic import atomic_directory
+from lomo_jax.atomic import atomic_directory, check_free
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generation_config import GenerationConfig
+from lomo_jax.lock import claim
 from lomo_jax.tokenizer import LLAMA3_BOS, LLAMA3_EOS, is_tiktoken, llama3_backend, saved_name
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
@@ -65,12 +66,14 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
-    params = checkpoint.tree_to_numpy(params)
-    with atomic_directory(out, overwrite) as tmp:
-        write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
-        GenerationConfig.of(Path(ckpt), cfg).write(tmp)
-        _export_tokenizer(tok_files, tmp, cfg)
+    with claim(out, "export", reads=(ckpt,)) as path:  # before the checkpoint is read
+        check_free(path, overwrite)
+        cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
+        params = checkpoint.tree_to_numpy(params)
+        with atomic_directory(out, overwrite) as tmp:
+            write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
+            GenerationConfig.of(Path(ckpt), cfg).write(tmp)
+            _export_tokenizer(tok_files, tmp, cfg)
     return Path(out)
 
 

@@ -17,6 +17,7 @@ from convert import safetensors_file, torch_pickles
 from convert.errors import ConversionError
 from convert.layout import meta_to_hf_rows
 from lomo_jax.config import LlamaConfig
+from lomo_jax.inputs import SMALL_FILE, number_problem, read_text
 from lomo_jax.tokenizer import tokenizer_files
 
 
@@ -27,15 +28,34 @@ class Source:
     tensors: Callable[[], Iterator[tuple[str, str, np.ndarray]]]  # (file, HF name, array)
     tokenizer_files: list[Path]
     dtype: np.dtype
+    weight_files: list[Path]  # what holds the tensors
+
+    def check_size(self) -> None:
+        """The config describes no more parameters than the weight files can hold (a byte each
+        at least): an edited config.json is refused before its tree is allocated."""
+        held = sum(f.stat().st_size for f in self.weight_files if f.is_file())
+        if self.config.num_params > held:
+            raise ConversionError(
+                self.path,
+                f"its config describes {self.config.num_params:,} parameters, more than its "
+                f"weight files hold ({held:,} bytes)",
+            )
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ConversionError(path, "file not found")
+    text = read_text(path, SMALL_FILE)  # a regular file, UTF-8, of a config's size
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise ConversionError(path, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise ConversionError(
+            path, "invalid JSON: nested deeper than a JSON reader follows"
+        ) from None
+    except ValueError as e:
+        raise ConversionError(path, f"invalid JSON: {number_problem(e)}") from None
 
 
 def _config(path: Path, make: Callable[[], LlamaConfig]) -> LlamaConfig:
@@ -78,7 +98,7 @@ def read_hf(d: Path) -> Source:
     dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(
         raw.get("torch_dtype") or raw.get("dtype"), np.float32
     )
-    return Source(d, cfg, tensors, tokenizer_files(d), np.dtype(dtype))
+    return Source(d, cfg, tensors, tokenizer_files(d), np.dtype(dtype), files)
 
 
 # ---- Meta original (params.json + consolidated.NN.pth) --------------------------------------
@@ -207,7 +227,7 @@ def read_meta(d: Path) -> Source:
     if not tok.exists():
         tok = d.parent / "tokenizer.model"
     dtype = torch_pickles.to_numpy(first["tok_embeddings.weight"].flatten()[:1]).dtype
-    return Source(d, cfg, tensors, [tok] if tok.exists() else [], dtype)
+    return Source(d, cfg, tensors, [tok] if tok.exists() else [], dtype, shards)
 
 
 def _meta_to_hf(name: str, a: np.ndarray, cfg: LlamaConfig) -> tuple[str, np.ndarray]:
@@ -395,7 +415,7 @@ def read_llama2c(f: Path, tokenizer: Path | None) -> Source:
                     yield str(f), f"model.layers.{i}.{_L2C_NAMES[key]}.weight", w
 
     toks = [tokenizer] if tokenizer else []
-    return Source(f, cfg, tensors, toks, np.dtype(np.float32))
+    return Source(f, cfg, tensors, toks, np.dtype(np.float32), [f])
 
 
 def detect(path: str | Path, tokenizer: str | Path | None = None) -> Source:

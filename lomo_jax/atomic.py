@@ -123,6 +123,18 @@ def _swap_in(new: Path, out: Path) -> None:
         discard(old)
 
 
+def check_free(out: Path, overwrite: bool) -> None:
+    """`out` may be written: it is absent or an empty directory, or `overwrite` says replace it
+    (unless it is the working directory or holds it: replaced, it would vanish from under us)."""
+    if not out.exists():
+        return
+    if not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    cwd, real = Path(os.path.realpath(Path.cwd())), Path(os.path.realpath(out))
+    if real == cwd or real in cwd.parents:
+        raise OutputExistsError(f"{out}: the working directory or one holding it; not replaced")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory that becomes `out` only if the block finishes.
@@ -131,8 +143,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     """
     shared = jax.process_count() > 1
     out = Path(out).absolute()
-    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_free(out, overwrite)
     check_location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _scratch(out, shared)

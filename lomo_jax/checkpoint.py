@@ -28,7 +28,8 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.generation_config import GenerationConfig
-from lomo_jax.parameters import leaf_name
+from lomo_jax.inputs import read_json
+from lomo_jax.parameters import leaf_name, params_of
 from lomo_jax.tokenizer import saved_name, tokenizer_files
 
 # (leaf name, global shape) -> where the leaf's shards go
@@ -133,12 +134,13 @@ def verify_checksums(directory: Path) -> None:
     """Every file `write_checksums` recorded is there, of its size and checksum (directories
     written before checksums were kept pass unchecked)."""
     record = directory / CHECKSUMS_FILE
-    if not record.is_file():
+    if not record.exists():
         return
+    files = read_json(record, error=CheckpointError)
     try:
-        files = json.loads(record.read_text())["xxh3_128"]
         entries = [
-            (directory / rel, int(size), str(digest)) for rel, (size, digest) in files.items()
+            (_inside(directory, rel), int(size), str(digest))
+            for rel, (size, digest) in files["xxh3_128"].items()
         ]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{record}: damaged (not a checksum list)") from None
@@ -151,20 +153,76 @@ def verify_checksums(directory: Path) -> None:
             raise CheckpointError(f"{f}: damaged (its checksum differs from the one saved)")
 
 
+def _inside(directory: Path, rel: str) -> Path:
+    """`directory / rel` for a path `rel` that stays inside `directory`."""
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ValueError(rel)
+    return directory / rel
+
+
+_LEAF_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
 def _read_index(path: Path) -> list[dict]:
     f = path / LEAVES_FILE
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing (not a lomo-jax checkpoint?)")
+    index = read_json(f, error=CheckpointError)
+    if not isinstance(index, list) or not all(
+        isinstance(e, dict)
+        and isinstance(e.get("name"), str)
+        and _LEAF_NAME.fullmatch(e["name"])
+        and type(e.get("pieces")) is int
+        and e["pieces"] >= 0
+        for e in index
+    ):
+        raise CheckpointError(f"{f}: not a lomo-jax parameter index")
+    return index
+
+
+def _metadata(ckptr: ocp.Checkpointer, item: Path):
+    """The shape and dtype orbax saved for one leaf (or layer piece), nothing read."""
+    with _unreadable(item):
+        meta = ckptr.metadata(item)
+        return (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["value"]
+
+
+def _saved_shapes(path: Path, index: list[dict]) -> dict[str, tuple[int, ...]]:
+    """Each leaf's shape as saved under `path` (orbax's metadata: no array is read)."""
+    path, shapes = path.absolute(), {}  # orbax finds no metadata under a relative path
+    with _checkpointer() as ckptr:
+        for e in index:
+            name, pieces = e["name"], e["pieces"]
+            m = _metadata(ckptr, path / (f"{name}@0" if pieces else name))
+            shapes[name] = (pieces, *m.shape) if pieces else tuple(m.shape)
+    return shapes
+
+
+def check_fits(directory: Path, cfg: LlamaConfig) -> None:
+    """The weights under `directory` are the tensors `cfg` (its config.json) describes, in its
+    shapes (lomo_jax.parameters.TABLE): an edited config is refused before a weight is read.
+    Where they disagree, a file damaged since it was saved is named first (its checksum)."""
+    params = directory / PARAMS_DIR
     try:
-        index = json.loads(f.read_text())
-        if not all(
-            isinstance(e, dict) and isinstance(e.get("name"), str) and type(e.get("pieces")) is int
-            for e in index
-        ):
-            raise ValueError
-        return index
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing (not a lomo-jax checkpoint?)") from None
-    except ValueError:
-        raise CheckpointError(f"{f}: not a lomo-jax parameter index") from None
+        problem = _misfit(_saved_shapes(params, _read_index(params)), cfg)
+    except CheckpointError:
+        verify_checksums(params)
+        raise
+    if problem:
+        verify_checksums(params)
+        raise CheckpointError(f"{directory / CONFIG_FILE}: does not fit {params}: {problem}")
+
+
+def _misfit(saved: dict[str, tuple[int, ...]], cfg: LlamaConfig) -> str | None:
+    """How the saved shapes differ from those `cfg` gives, or None."""
+    rows = params_of(cfg)
+    for p in rows:
+        if p.name not in saved:
+            return f"{p.name!r} is missing from the weights"
+        if saved[p.name] != p.shape(cfg):
+            return f"{p.name!r} is {list(saved[p.name])}, the config gives {list(p.shape(cfg))}"
+    extra = sorted(set(saved) - {p.name for p in rows})
+    return f"{extra[0]!r} is in the weights, not in the config's model" if extra else None
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -179,12 +237,14 @@ def _layer_sharding(s: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return s
 
 
-def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
+def read_params(path: Path, sharding: ShardingFn | None = None, verified: bool = False) -> dict:
     """Restores the tree onto the first device, or with `sharding(leaf name, shape)` straight
     into each device's shards (each process reads only what its devices hold; a stack saved in
-    layer pieces is filled piece by piece, so the extra is one layer's shard)."""
+    layer pieces is filled piece by piece, so the extra is one layer's shard). Its checksums are
+    checked first, unless the caller has (`verified`)."""
     path = path.absolute()
-    verify_checksums(path)
+    if not verified:
+        verify_checksums(path)
     index = _read_index(path)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     sharding = sharding or (lambda name, shape: default)
@@ -192,11 +252,7 @@ def read_params(path: Path, sharding: ShardingFn | None = None) -> dict:
     with _checkpointer() as ckptr:
 
         def shape_dtype(item: Path):
-            with _unreadable(item):
-                meta = ckptr.metadata(item)
-                return (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)[
-                    "value"
-                ]
+            return _metadata(ckptr, item)
 
         def restore(item: Path, s: jax.sharding.Sharding) -> jax.Array:
             m = shape_dtype(item)
@@ -248,14 +304,21 @@ def read_like(path: Path, like: Any) -> Any:
     """Restores a tree written by `write_params` into the structure and shardings of `like` (any
     pytree of arrays), whatever mesh it was saved from."""
     named = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(like)[0]}
-    saved = {e["name"] for e in _read_index(path)}
+    index = _read_index(path)
+    saved = {e["name"] for e in index}
     if saved != set(named):
         odd = sorted(saved ^ set(named))[0]
         raise CheckpointError(
             f"{path}: its tensors do not match this model and optimizer ({odd!r} is in "
             f"{'the checkpoint only' if odd in saved else 'the model only'})"
         )
-    flat = read_params(path, lambda name, shape: named[name].sharding)
+    verify_checksums(path)
+    for name, shape in _saved_shapes(path, index).items():  # before anything is allocated
+        if shape != named[name].shape:
+            raise CheckpointError(
+                f"{path}: {name!r} is {list(shape)}, this run needs {list(named[name].shape)}"
+            )
+    flat = read_params(path, lambda name, shape: named[name].sharding, verified=True)
     leaves = []
     for name, want in named.items():
         node = flat
@@ -301,6 +364,7 @@ def save_pretrained(
     overwrite: bool = False,
     generation: GenerationConfig | None = None,
 ) -> Path:
+    """Writes a model to `out` whole or not at all (claim `out` first: `lomo_jax.lock`)."""
     with atomic_directory(out, overwrite) as tmp:
         write_model(tmp, config, params, tokenizer_files, generation)
     return Path(out)
@@ -309,10 +373,12 @@ def save_pretrained(
 def read_model_info(path: str | Path) -> tuple[LlamaConfig, list[Path]]:
     """A saved model's config and tokenizer files, its weights unread."""
     p = Path(path)
+    raw = read_json(p / CONFIG_FILE, error=CheckpointError)
     try:
-        cfg = LlamaConfig.from_json_file(p / CONFIG_FILE)
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        cfg = LlamaConfig.from_hf_dict(raw)
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: invalid config: {e}") from None
+    check_fits(p, cfg)
     return cfg, tokenizer_files(p)
 
 

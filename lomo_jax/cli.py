@@ -32,7 +32,7 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
     if not is_checkpoint(a.ckpt):
         raise ConversionError(a.ckpt, "not a lomo-jax checkpoint (no config.json and params/)")
-    shard = int(a.max_shard_size * 2**20) if a.max_shard_size else None
+    shard = round(a.max_shard_size * 2**20) if a.max_shard_size else None
     out = export_hf(
         a.ckpt, a.out, **({"max_shard_bytes": shard} if shard else {}), overwrite=a.overwrite
     )
@@ -87,7 +87,7 @@ def _cmd_chat(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from lomo_jax.distributed import initialize
-    from lomo_jax.rundir import CONFIG_FILE
+    from lomo_jax.resume import checkpoint_of
     from lomo_jax.train import TrainConfig, train
 
     initialize(
@@ -99,12 +99,16 @@ def _cmd_train(a: argparse.Namespace) -> None:
     given = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     if "no_shuffle" in vars(a):
         given["shuffle"] = not a.no_shuffle
-    base = a.config
-    if a.resume:
-        base, given["out"] = Path(a.resume) / CONFIG_FILE, a.resume
-        if not base.is_file():
-            raise FileNotFoundError(f"{a.resume}: no {CONFIG_FILE}, not a run to resume")
-    train(TrainConfig.from_sources(base, given), bool(a.resume), _hand_back_memory)
+    origin = given.pop("from_checkpoint", None)
+    if not (a.resume or origin):
+        train(TrainConfig.from_sources(a.config, given), False, _hand_back_memory)
+        return
+    if not a.resume:  # a checkpoint of a run: RUN/checkpoints/step_N
+        a.resume = str(checkpoint_of(origin, None).parent.parent)
+    c, changes = TrainConfig.resumed(a.resume, a.config, given, origin)
+    if changes:
+        log.info("%s with %s", "branching" if origin else "resuming", ", ".join(changes))
+    train(c, origin is None, _hand_back_memory)
 
 
 def _hand_back_memory(phase: str) -> None:
@@ -198,12 +202,12 @@ def _cmd_data(a: argparse.Namespace) -> None:
 def _model_config(src: str):
     """The config of a preset, a lomo-jax checkpoint or anything `import` reads (no weights)."""
     from lomo_jax import checkpoint
-    from lomo_jax.config import PRESETS, LlamaConfig, preset
+    from lomo_jax.config import PRESETS, preset
 
     if src in PRESETS:
         return preset(src)
     if checkpoint.is_checkpoint(src):
-        return LlamaConfig.from_json_file(Path(src) / checkpoint.CONFIG_FILE)
+        return checkpoint.read_model_info(src)[0]
     if not Path(src).exists():
         raise FileNotFoundError(f"{src}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
     from convert.sources import detect
@@ -244,6 +248,21 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 
 MESH_HELP = "shard the model over devices: fsdp=8, data=2,fsdp=4, ..."
+INT32 = 2**31 - 1  # the largest count or size a step takes
+MAX_DEVICES = 1024  # of a plan: XLA builds a device per shard (100k CPU devices took minutes)
+
+
+class UsageError(UserError):
+    """A command line argparse refuses (one line and exit status 1, like every other error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (argparse prints the usage and exits with status 2);
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lomo-jax").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
 
 
 def _checked(kind: type, ok, requirement: str):
@@ -259,13 +278,32 @@ def _checked(kind: type, ok, requirement: str):
     return parse
 
 
+def _int(low: int, high: int = INT32):
+    """An int in [low, high] (the range its consumer takes: an int32 count, a uint32 seed)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            bound = f"at least {low}" if value < low else f"at most {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _generation_flags(s: argparse.ArgumentParser) -> None:
     """The flags generate and chat share; None: from the model's generation_config.json."""
     s.add_argument("--system", help="a system message before the conversation")
     s.add_argument(
         "--chat-template", metavar="FILE", help="a Jinja chat template instead of the tokenizer's"
     )
-    s.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, else 128")
+    s.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: generation_config.json's, else 128; at most what the prompt leaves of "
+        "the context",
+    )
     s.add_argument("--temperature", type=float, help="0 = greedy")
     s.add_argument("--top-p", type=float)
     s.add_argument("--top-k", type=int, help="0 = no limit")
@@ -318,7 +356,7 @@ def _rows_flags(s: argparse.ArgumentParser, data: str, format: str, task: str | 
     s.add_argument("--task", help=task or "with --format superglue")
     s.add_argument("--template", help="with --format template: the prompt / response YAML")
     _data_flags(s)
-    s.add_argument("--seq-len", type=_checked(int, lambda v: v >= 2, "at least 2"), default=512)
+    s.add_argument("--seq-len", type=_int(2), default=512)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -329,7 +367,7 @@ def _parser() -> argparse.ArgumentParser:
     from lomo_jax.schedule import SCHEDULES
     from lomo_jax.train_step import DTYPES, OPTIMIZERS
 
-    p = argparse.ArgumentParser(prog="lomo-jax", description=__doc__.splitlines()[0])
+    p = _Parser(prog="lomo-jax", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -350,7 +388,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument(
         "--max-shard-size",
-        type=_checked(float, lambda v: v > 0, "positive"),
+        type=_checked(float, lambda v: 0 < v <= 2**20, "positive and at most 1048576 (1 TiB)"),
         help="MiB per safetensors shard (default 5 GiB)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -389,7 +427,16 @@ def _parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     s.add_argument("--config", default=None, help="YAML file of options; flags override it")
-    s.add_argument("--resume", default=None, help="continue the run in this directory")
+    s.add_argument(
+        "--resume",
+        default=None,
+        help="continue the run in this directory (options that may change: see README)",
+    )
+    s.add_argument(
+        "--from-checkpoint",
+        help="with --resume RUN and --out NEW: a new run from RUN's checkpoint "
+        "(step_00000200), with RUN's options and its history up to that step",
+    )
     s.add_argument("--model", help="anything from_pretrained reads")
     s.add_argument(
         "--data",
@@ -460,7 +507,7 @@ def _parser() -> argparse.ArgumentParser:
         format="loss and perplexity on this format",
         task="accuracy on copa, rte, cb, boolq, wic, wsc or multirc",
     )
-    s.add_argument("--batch-size", type=_checked(int, lambda v: v >= 1, "at least 1"), default=16)
+    s.add_argument("--batch-size", type=_int(1), default=16)
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--json", action="store_true", help='last line: {"task", "accuracy", "n"}')
     s.add_argument("--mesh", help=MESH_HELP)
@@ -488,10 +535,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--model", required=True, help="a preset (llama-7b, ...) or a checkpoint")
     s.add_argument("--target", choices=TARGETS, default="cpu")
-    at_least_1 = _checked(int, lambda v: v >= 1, "at least 1")
-    s.add_argument("--devices", type=at_least_1, default=1, help="shard over N devices (fsdp=N)")
-    s.add_argument("--batch-size", type=at_least_1, default=1)
-    s.add_argument("--seq-len", type=at_least_1, default=1024)
+    s.add_argument(
+        "--devices", type=_int(1, MAX_DEVICES), default=1, help="shard over N devices (fsdp=N)"
+    )
+    s.add_argument("--batch-size", type=_int(1), default=1)
+    s.add_argument("--seq-len", type=_int(1), default=1024)
     s.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     s.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
     s.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
@@ -505,9 +553,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e)
+    """The error's message on one line: what would break it or the terminal (a newline or an
+    escape sequence in a path) is shown escaped."""
+    text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """An allocation the machine could not make, by numpy or by XLA."""
+    if isinstance(e, MemoryError):
+        return True
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and str(e).startswith(
+        "RESOURCE_EXHAUSTED"
+    )
+
+
+_PATHS = ("src", "ckpt", "out", "model", "data", "eval_data", "tokenizer", "template")
+_PATHS += ("config", "resume", "from_checkpoint")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """No path is empty (an empty path would mean the working directory)."""
+    for name in _PATHS:
+        if getattr(args, name, None) == "":
+            raise UsageError(f"{args.command}: argument {name.replace('_', '-')}: an empty path")
+
+
+def _check_text(argv: list[str]) -> None:
+    """Every argument is UTF-8 text (paths, prompts and values are read as such)."""
+    from lomo_jax.inputs import text_problem
+
+    for arg in argv:
+        if problem := text_problem(arg):
+            raise UsageError(f"argument {problem} (paths, prompts and options must be UTF-8)")
 
 
 def _interrupted(e: KeyboardInterrupt) -> tuple[str, int]:
@@ -524,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     with interrupt.caught():  # before the imports, which take seconds
         try:
             cuda_plugin.import_jax()
+            argv = sys.argv[1:] if argv is None else argv
+            _check_text(argv)
             args = _parser().parse_args(argv)
+            _check_paths(args)
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
             log.handlers[:] = [handler]
@@ -539,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
             return status
         except (UserError, OSError) as e:
             print(f"lomo-jax: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise  # a bug: its traceback says where
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
+            print(f"lomo-jax: error: out of memory ({_one_line(first)})", file=sys.stderr)
             return 1
     return 0
 

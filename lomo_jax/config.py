@@ -111,6 +111,27 @@ def _check_types(c: LlamaConfig) -> None:
         raise ValueError(f"rope_scaling must be an object, got {c.rope_scaling!r}")
 
 
+# The numbers each rope_scaling type reads (all positive; llama3's high factor above its low).
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ),
+}
+
+
+def _check_rope_scaling(scaling: dict[str, Any], kind: str) -> None:
+    for key in _ROPE_KEYS.get(kind, ()):
+        v = scaling.get(key)
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf):
+            raise ValueError(f"rope_scaling {key} must be a positive number, got {v!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling high_freq_factor must be above low_freq_factor")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     model_type: str = "llama"  # the family: a key of FAMILIES
@@ -168,12 +189,15 @@ class LlamaConfig:
             raise ValueError(
                 f"unknown attention {self.attention!r}; choose from {', '.join(IMPLEMENTATIONS)}"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (RoPE turns pairs), got {self.head_dim}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("default", "linear", "llama3"):
                 raise ValueError(
                     f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)"
                 )
+            _check_rope_scaling(self.rope_scaling, kind)
 
     def __hash__(self) -> int:
         # rope_scaling is a dict; hash by value so a config can be a static jit argument.

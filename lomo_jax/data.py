@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 
 from lomo_jax import chat, packing
 from lomo_jax.atomic import write_file
+from lomo_jax.inputs import load_yaml, parse_json
 from lomo_jax.loss import IGNORE, Batch
 from lomo_jax.packing import Example, truncate
 from lomo_jax.records import DataError, data_files, load_records, read_text
@@ -34,6 +36,7 @@ from lomo_jax.tokenizer import Tokenizer
 
 log = logging.getLogger("lomo_jax")
 
+MAX_WIDTH = 1000  # of a template's format spec ({instruction:>20})
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -95,16 +98,15 @@ def read_pretokenized(path: str | Path, seq_len: int, vocab_size: int | None = N
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p}: a directory; --format pretokenized reads one JSON-lines file")
-    if not p.is_file():
-        raise DataError(f"{p}: file not found")
     top = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
     rows = []
     for n, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
+        record = parse_json(line, p, DataError, line=n)
         try:
-            ids = np.asarray(json.loads(line)["input_ids"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            ids = np.asarray(record["input_ids"])
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise DataError(f"{p}:{n}: expected a JSON object with 'input_ids'") from None
         if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise DataError(f"{p}:{n}: 'input_ids' must be a list of integer token ids")
@@ -229,29 +231,33 @@ def _packed_text(tok: Tokenizer, docs: list[str], seq_len: int, path) -> Rows:
 
 
 def _template(path: str | Path) -> tuple[str, str]:
-    """A YAML file with `prompt` and `response`: format strings over each record's fields."""
+    """A YAML file with `prompt` and `response`: format strings over each record's fields (a
+    format spec's widths bounded, so a template cannot ask for gigabytes of padding)."""
     import string
 
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"{p}: template file not found")
-    try:
-        t = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    t = load_yaml(p, DataError)
     if not isinstance(t, dict) or not {"prompt", "response"} <= set(t):
         raise DataError(f"{p}: a template needs 'prompt' and 'response' entries")
     for key in ("prompt", "response"):
         if not isinstance(t[key], str):
             raise DataError(f"{p}: {key} must be text, got {type(t[key]).__name__}")
         try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(t[key]) if f is not None]
+            parts = [
+                (f, spec) for _, f, spec, _ in string.Formatter().parse(t[key]) if f is not None
+            ]
         except ValueError as e:
             raise DataError(f"{p}: {key}: {e} (write {{{{ and }}}} for literal braces)") from None
-        if any(f == "" or f.isdigit() for f in fields):
+        if any(f == "" or f.isdigit() for f, _ in parts):
             raise DataError(f"{p}: {key}: every {{}} needs a field name, e.g. {{instruction}}")
+        for f, spec in parts:
+            if "{" in spec or any(int(n) > MAX_WIDTH for n in re.findall(r"\d+", spec)):
+                raise DataError(
+                    f"{p}: {key}: {{{f}:{spec}}}: a format spec takes no fields and widths "
+                    f"up to {MAX_WIDTH}"
+                )
     return t["prompt"], t["response"]
 
 
@@ -266,6 +272,8 @@ def _fill(template: str, records: list[dict], places: list[str], path) -> list[s
             ) from None
         except (AttributeError, IndexError, TypeError, ValueError) as e:
             raise DataError(f"{place}: cannot fill in {path}: {e}") from None
+        except RecursionError:
+            raise DataError(f"{place}: cannot fill in {path}: a field nested too deeply") from None
     return out
 
 
@@ -280,13 +288,14 @@ def _cache_key(src: Source) -> str:
     template = src.template
     extra = [Path(template)] if template and Path(template).is_file() else []
     for f in data_files(Path(src.path)) + (tok.files if tok else []) + extra:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        st = f.stat()  # a file name's bytes as they are, UTF-8 or not
+        h.update(os.fsencode(f.resolve()) + f"|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOMO_JAX_CACHE", Path.home() / ".cache" / "lomo_jax"))
+    """LOMO_JAX_CACHE, or ~/.cache/lomo_jax when it is unset or empty (as XDG's variables)."""
+    return Path(os.environ.get("LOMO_JAX_CACHE") or Path.home() / ".cache" / "lomo_jax")
 
 
 def _read_cache(f: Path, seq_len: int) -> Rows | None:
@@ -301,10 +310,25 @@ def _read_cache(f: Path, seq_len: int) -> Rows | None:
         shapes = {(a.shape, a.dtype) for a in rows.arrays()}
         if shapes != {((len(rows), seq_len), np.dtype(np.int32))} or not len(rows):
             raise ValueError("unexpected shapes")
+        if not _plausible(rows, seq_len):
+            raise ValueError("values no tokenizer gives")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("%s: damaged cache file (%s); tokenizing again", f, e)
         return None
     return rows
+
+
+def _plausible(rows: Rows, seq_len: int) -> bool:
+    """Values tokenized rows can hold: ids >= 0, labels an id or IGNORE, segments >= 0 and
+    positions within the row (the model's vocabulary is checked by `build_rows`)."""
+    labels = rows.labels
+    return bool(
+        rows.input_ids.min() >= 0
+        and ((labels >= 0) | (labels == IGNORE)).all()
+        and rows.segment_ids.min() >= 0
+        and rows.positions.min() >= 0
+        and rows.positions.max() < seq_len
+    )
 
 
 def _write_cache(f: Path, rows: Rows) -> None:
@@ -459,10 +483,11 @@ def build_rows(
         else:
             rows = FORMATS[fmt].build(src)
             _write_cache(cached, rows)
-    if vocab_size is not None and rows.input_ids.max() >= vocab_size:
+    low, high = int(rows.input_ids.min()), int(rows.input_ids.max())
+    if vocab_size is not None and not (low >= 0 and high < vocab_size):
         raise DataError(
-            f"{path}: token id {int(rows.input_ids.max())} does not fit the model's "
-            f"vocab_size {vocab_size} (wrong tokenizer?)"
+            f"{path}: token id {low if low < 0 else high} does not fit the model's vocab_size "
+            f"{vocab_size} (wrong tokenizer?)"
         )
     return rows
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from lomo_jax.atomic import OutputExistsError, check_free, discard
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig, preset
+from lomo_jax.lock import claim
 
 log = logging.getLogger("lomo_jax")
 
@@ -34,6 +35,8 @@ DEMO_CONFIG = LlamaConfig(
     eos_token_id=None,
 )
 SEQ_LEN, STEPS, BATCH = 32, 150, 16
+# What a demo writes in its --out: a directory holding anything else is not a demo's to replace.
+OUTPUTS = ("hf-source", "base", "train.jsonl", "adalomo", "lomo", "loss.png")
 
 
 def progressions(n: int, seed: int) -> np.ndarray:
@@ -53,6 +56,27 @@ def next_token_accuracy(cfg: LlamaConfig, params, rows: np.ndarray) -> float:
 
 
 def run_demo(out: str | Path) -> None:
+    """The demo, written to `out` (claimed first; a previous demo's output there is replaced,
+    anything else is refused)."""
+    with claim(out, "demo") as path:
+        _clear(path)
+        _run(Path(out))
+
+
+def _clear(out: Path) -> None:
+    """Removes a previous demo's output from `out`; refuses a directory holding anything else."""
+    if not out.exists():
+        return
+    names = {p.name for p in out.iterdir()} if out.is_dir() else {None}
+    if not names <= set(OUTPUTS):
+        raise OutputExistsError(
+            f"{out}: already exists and is not a demo's output; give the demo another --out"
+        )
+    check_free(out, overwrite=True)
+    discard(out)
+
+
+def _run(out: Path) -> None:
     from convert import import_checkpoint
     from convert.export import write_hf
     from convert.synthetic import random_hf_tensors
@@ -61,9 +85,6 @@ def run_demo(out: str | Path) -> None:
     from lomo_jax.progress import plot_losses
     from lomo_jax.train import TrainConfig, train
 
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
     cfg = DEMO_CONFIG
     write_hf(out / "hf-source", cfg, random_hf_tensors(cfg, seed=0))
     import_checkpoint(out / "hf-source", out / "base")

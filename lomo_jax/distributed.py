@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from lomo_jax.errors import UserError
+
 
 def initialize(
     coordinator_address: str | None = None,
@@ -22,12 +24,34 @@ def initialize(
     if coordinator_address is None:
         return False
     if num_processes is None and "JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["JAX_NUM_PROCESSES"])
+        num_processes = _env_int("JAX_NUM_PROCESSES")
     if process_id is None and "JAX_PROCESS_ID" in env:
-        process_id = int(env["JAX_PROCESS_ID"])
+        process_id = _env_int("JAX_PROCESS_ID")
+    if num_processes is not None and not 1 <= num_processes <= MAX_PROCESSES:
+        raise DistributedError(
+            f"--num-processes must be in [1, {MAX_PROCESSES}], got {num_processes}"
+        )
+    if process_id is not None and not 0 <= process_id < (num_processes or MAX_PROCESSES):
+        raise DistributedError(
+            f"--process-id must be in [0, --num-processes), got {process_id} of {num_processes}"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
+
+
+MAX_PROCESSES = 2**16  # hosts jax.distributed joins, at most
+
+
+class DistributedError(UserError, ValueError):
+    """Settings of several processes that cannot be joined."""
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise DistributedError(f"{name}={os.environ[name]!r}: expected an integer") from None
 
 
 def is_primary() -> bool:

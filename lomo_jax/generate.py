@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -17,6 +18,8 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.errors import UserError
 from lomo_jax.model import KVCache, Params, decoder_layers, embed, head
+
+MAX_SEED = 2**32 - 1  # jax.random.key's seeds are uint32
 
 
 class GenerateError(UserError, ValueError):
@@ -33,7 +36,7 @@ class Sampling:
     top_k: int = 0  # 0: no limit
 
     def __post_init__(self):
-        if not self.temperature >= 0:
+        if not 0 <= self.temperature < math.inf:
             raise GenerateError(
                 f"temperature must be at least 0 (0 = greedy), got {self.temperature}"
             )
@@ -153,11 +156,9 @@ class Context:
     ) -> Iterator[np.ndarray]:
         """Each step's next tokens [batch] after `ids_BT`, until every row has drawn one of
         `end_ids` or `max_new_tokens` steps are done."""
-        ids_BT = np.asarray(ids_BT, dtype=np.int32)
-        if ids_BT.ndim != 2 or ids_BT.shape[1] == 0 or ids_BT.shape[0] != self.batch:
-            raise GenerateError(f"prompt ids must be a non-empty [{self.batch}, length] array")
-        if max_new_tokens < 0:
-            raise GenerateError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+        ids_BT = _checked_prompt(self.cfg, ids_BT, self.batch, max_new_tokens)
+        if not 0 <= seed <= MAX_SEED:
+            raise GenerateError(f"seed must be an integer in [0, {MAX_SEED}], got {seed}")
         if max_new_tokens == 0:
             return
         T = ids_BT.shape[1]
@@ -214,9 +215,34 @@ def generate(
     end_ids: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (all prompts the same length), each cut after its first end
-    id (`end_ids`; default the config's EOS ids, () never stops)."""
+    id (`end_ids`; default the config's EOS ids, () never stops). Prompt and new tokens stay
+    within the model's context (`max_position_embeddings`)."""
     batch = np.shape(prompt_ids)[0] if np.ndim(prompt_ids) == 2 else 1
     return Context(cfg, params, batch).generate(prompt_ids, max_new_tokens, sampling, seed, end_ids)
+
+
+def _checked_prompt(cfg: LlamaConfig, ids_BT, batch: int, max_new_tokens: int) -> np.ndarray:
+    """The prompt as int32 [batch, T], its ids within the vocabulary, and the new tokens within
+    the model's context."""
+    ids_BT = np.asarray(ids_BT, dtype=np.int64)
+    if ids_BT.ndim != 2 or ids_BT.shape[1] == 0 or ids_BT.shape[0] != batch:
+        raise GenerateError(f"prompt ids must be a non-empty [{batch}, length] array")
+    if ids_BT.min() < 0 or ids_BT.max() >= cfg.vocab_size:
+        bad = ids_BT.min() if ids_BT.min() < 0 else ids_BT.max()
+        raise GenerateError(
+            f"prompt token id {bad} does not fit the model's vocab_size {cfg.vocab_size} "
+            "(wrong tokenizer?)"
+        )
+    if max_new_tokens < 0:
+        raise GenerateError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+    T, context = ids_BT.shape[1], cfg.max_position_embeddings
+    if T + max_new_tokens > context:
+        room = f"; at most {context - T}" if T < context else ""
+        raise GenerateError(
+            f"max_new_tokens {max_new_tokens}: with the prompt's {T} token(s) that is beyond the "
+            f"model's context (max_position_embeddings {context}){room}"
+        )
+    return ids_BT.astype(np.int32)
 
 
 def _cut_after_end(row: list[int], ends: Sequence[int]) -> list[int]:

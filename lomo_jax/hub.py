@@ -16,10 +16,15 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # also a dataset's (`lomo_j
 FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
+def is_repo_id(ref: str | Path) -> bool:
+    """Whether `ref` reads as a Hub id (`org/name`); a local path of that form wins over it."""
+    return REPO_ID.fullmatch(str(ref)) is not None
+
+
 def resolve(ref: str | Path) -> Path:
     """A local path as it is; an `org/name` that is not one -> its snapshot directory."""
     path = Path(ref)
-    if path.exists() or not REPO_ID.fullmatch(str(ref)):
+    if path.exists() or not is_repo_id(ref):
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

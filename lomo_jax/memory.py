@@ -33,6 +33,9 @@ METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
 SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
 
 
+MAX_TOKENS = 2**31 - 1  # in one step
+
+
 class PlanError(UserError, ValueError):
     """A plan that cannot be made here: an unknown target, too few devices, no CUDA plugin."""
 
@@ -253,6 +256,11 @@ def plan(
 ) -> dict:
     """`analyze` on `devices` of `target`, with the memory one device offers and whether the
     step fits in it."""
+    if batch_size * seq_len > MAX_TOKENS:
+        raise PlanError(
+            f"batch {batch_size} x {seq_len} is {batch_size * seq_len} tokens a step; at most "
+            f"{MAX_TOKENS} (JAX indexes them with int32)"
+        )
     row = analyze(cfg, method, batch_size, seq_len, dtype, target_layout(target, devices))
     usable = device_memory(target, devices)
     return {**row, "target": target, "device_bytes": usable, "fits": row["peak_bytes"] <= usable}

@@ -15,6 +15,7 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import GenerateError, generate
 from lomo_jax.generation_config import GenerationConfig
+from lomo_jax.lock import claim
 from lomo_jax.model import forward, param_shapes
 from lomo_jax.sharding import Layout, abstract, put
 from lomo_jax.tokenizer import Tokenizer, TokenizerError, tokenizer_from
@@ -118,9 +119,10 @@ class LlamaModel:
 
     def save_pretrained(self, out: str | Path, overwrite: bool = False) -> Path:
         files = self.tokenizer.files if self.tokenizer else ()
-        return checkpoint.save_pretrained(
-            out, self.config, self.params, files, overwrite, self.generation_config
-        )
+        with claim(out, "save_pretrained"):
+            return checkpoint.save_pretrained(
+                out, self.config, self.params, files, overwrite, self.generation_config
+            )
 
 
 def _model_info(path: Path, tokenizer: str | Path | None) -> tuple[LlamaConfig, list[Path]]:
@@ -129,6 +131,7 @@ def _model_info(path: Path, tokenizer: str | Path | None) -> tuple[LlamaConfig, 
     from convert.sources import detect
 
     src = detect(path, tokenizer)
+    src.check_size()
     return src.config, src.tokenizer_files
 
 

@@ -10,13 +10,15 @@ What the records become is another module's: training rows (`lomo_jax.data`), a 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from lomo_jax import inputs
 from lomo_jax.errors import UserError, first_line
 from lomo_jax.hub import REPO_ID
+from lomo_jax.inputs import is_unicode, parse_json, regular_file
 
 SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")
 _DATASET_ID = re.compile(rf"({REPO_ID.pattern})(?::(.+))?")  # a split may be a slice: train[:10%]
@@ -27,24 +29,19 @@ class DataError(UserError, ValueError):
 
 
 def read_text(f: Path) -> str:
-    """A file's UTF-8 text; otherwise an error naming the line of the first bad byte."""
-    try:
-        return f.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = f.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{f}:{line}: not UTF-8 text") from None
+    """A regular file's UTF-8 text; otherwise an error naming the line of the first bad byte."""
+    return inputs.read_text(f, error=DataError)
 
 
 def data_files(path: Path) -> list[Path]:
-    """`path` itself, or the data files of a directory, in name order."""
+    """`path` itself, or the data files of a directory, in name order; each a regular file (a
+    pipe or a device would block, or never end)."""
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix in SUFFIXES)
         if not files:
             raise DataError(f"{path}: no {'/'.join(SUFFIXES)} files")
-        return files
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return [path]
+        return [regular_file(f, DataError) for f in files]
+    return [regular_file(path, DataError)]
 
 
 def _json_records(f: Path) -> tuple[list, list[str]]:
@@ -53,37 +50,36 @@ def _json_records(f: Path) -> tuple[list, list[str]]:
     text = read_text(f)
     if f.suffix == ".json" and text.lstrip()[:1] in ("[", "{"):
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
+            whole = parse_json(text, f, DataError)
+        except DataError:
             if text.lstrip()[:1] == "[":
-                raise DataError(f"{f}:{e.lineno}: cannot read as json: {e.msg}") from None
+                raise
         else:
             records = whole if isinstance(whole, list) else [whole]
             return records, [f"{f}: record {n}" for n in range(1, len(records) + 1)]
     records, places = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{n}: cannot read as json: {e.msg}") from None
+            records.append(parse_json(line, f, DataError, line=n))
             places.append(f"{f}:{n}")
     return records, places
 
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """`datasets` without its progress bars and warnings for the block, as the caller had it
-    afterwards."""
+    """`datasets` without its progress bars or its log for the block (the log repeats a reading
+    error in lines of its own), as the caller had them afterwards."""
     import datasets
 
-    shown, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    shown = datasets.is_progress_bar_enabled()
+    logger = logging.getLogger("datasets")
+    level = logger.level
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        datasets.logging.set_verbosity(verbosity)
+        logger.setLevel(level)
         if shown:
             datasets.enable_progress_bars()
 
@@ -142,6 +138,11 @@ def load_records(path: str | Path, config: str | None = None) -> tuple[list[dict
         for r, place in zip(got, where):
             if not isinstance(r, dict):
                 raise DataError(f"{place}: expected an object of fields, got {type(r).__name__}")
+            for field, value in r.items():
+                if isinstance(value, str) and not (value.isascii() or is_unicode(value)):
+                    raise DataError(
+                        f"{place}: field {field!r} is not valid Unicode (a lone surrogate)"
+                    )
         records += got
         places += where
     return records, places

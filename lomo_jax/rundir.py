@@ -5,31 +5,29 @@
     OUT/tensorboard/               the same metrics as TensorBoard events
     OUT/checkpoints/step_NNNNNNNN/ params/, opt_state/ (orbax), state.json (step, loss scale),
                                    checksums.json (each file's size and checksum)
-    OUT/.lock                      held (flock) by the process training in OUT
     OUT/loss.png, and the final model (config.json, params/, tokenizer)
 
 A checkpoint is complete state -- params, optimizer state (AdaLomo factors), step, loss scale --
 and the data position and RNG are functions of (seed, step), so a resumed run is bit-identical to
 one never interrupted.
 
-One process at a time trains in a run directory: it holds OUT/.lock with flock, which the kernel
-releases when the process dies, so a crash leaves no stale lock. Holding it, a run puts back or
-removes what a crash left half-done (`atomic.recover_all`). Non-finite weights are never saved;
+One process at a time trains in a run directory, and no other command writes there meanwhile: it
+holds the directory's claim (`lomo_jax.lock`), which the kernel releases when the process dies, so
+a crash leaves no stale lock. Holding it, a run puts back or removes what a crash left half-done
+(`atomic.recover_all`). Non-finite weights are never saved;
 a checkpoint is checked (checksums, finite weights) before it is resumed from, and a damaged one
 gives way to the one before it, with a warning.
 """
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import logging
-import os
 import re
-import socket
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -51,6 +49,8 @@ from lomo_jax.checkpoint import CheckpointError
 from lomo_jax.compiler import jit
 from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.errors import UserError
+from lomo_jax.inputs import read_json
+from lomo_jax.lock import OutputInUseError, claim
 from lomo_jax.loss_scale import ScaleState
 from lomo_jax.sharding import Layout
 from lomo_jax.state import NonFiniteError, TrainState, all_finite
@@ -61,16 +61,16 @@ CONFIG_FILE = "train_config.yaml"
 CKPT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVENTS_DIR = "tensorboard"
-LOCK_FILE = ".lock"
 STATE_FILE = "state.json"
-_STEP_DIR = re.compile(r"^step_\d{8}$")
+STEP_DIR = re.compile(r"step_\d{8,10}")  # zero-padded to 8 digits; an int32 has up to 10
+INT32 = 2**31 - 1  # a step is an int32
 
 
 class NotARunError(UserError, ValueError):
     """`--resume` of a directory that holds no training run."""
 
 
-class RunInUseError(UserError, RuntimeError):
+class RunInUseError(OutputInUseError):
     """A run directory another process is training in."""
 
 
@@ -79,25 +79,6 @@ _all_finite = jit(all_finite)  # the project's jit: its CPU compile options, as 
 
 def _finite(tree: Any) -> bool:
     return not jax.tree.leaves(tree) or bool(_all_finite(tree))
-
-
-def _lock(path: Path) -> IO | None:
-    """The run's lock, held until closed or the process ends (only process 0 takes it)."""
-    if not is_primary():
-        return None
-    f = open(path / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = (f.read().strip().splitlines() or ["another process"])[0]
-        f.close()
-        raise RunInUseError(f"{path}: in use by {holder}; let it finish or stop it first") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"lomo-jax train, pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
 
 
 class Events:
@@ -121,10 +102,10 @@ class Events:
 
 
 class RunDir:
-    """A run directory, locked by this process while it is open (a context manager)."""
+    """A run directory, claimed by this process while it is open (a context manager)."""
 
-    def __init__(self, path: Path, lock: IO | None):
-        self.path, self._lock = path, lock
+    def __init__(self, path: Path, claimed: contextlib.ExitStack):
+        self.path, self._claim = path, claimed
         self._events: Events | None = None
 
     @staticmethod
@@ -139,22 +120,20 @@ class RunDir:
     def create(cls, out: str | Path) -> RunDir:
         """A new run: OUT must not exist or be empty."""
         path = Path(out)
-        cls.check_new(path)
-        barrier("checked the output directory")  # before any process creates it
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path, _lock(path))
-        if is_primary() and any(p.name != LOCK_FILE for p in path.iterdir()):
-            run.close()  # another run got there between the check and the lock
-            raise OutputExistsError(f"{path}: already exists (pass --resume {path} to continue it)")
-        return run
+        with _claimed(path) as claimed:
+            cls.check_new(path)
+            barrier("checked the output directory")  # before any process creates it
+            path.mkdir(parents=True, exist_ok=True)
+            return cls(path, claimed.pop_all())
 
     @classmethod
     def resume(cls, out: str | Path) -> RunDir:
-        """A run to resume, locked at once: a run in use is refused before anything loads."""
+        """A run to resume, claimed at once: a run in use is refused before anything loads."""
         path = Path(out)
-        if not (path / CONFIG_FILE).is_file():
-            raise NotARunError(f"{path}: not a training run (no {CONFIG_FILE}) to resume")
-        return cls(path, _lock(path))
+        with _claimed(path) as claimed:
+            if not (path / CONFIG_FILE).is_file():
+                raise NotARunError(f"{path}: not a training run (no {CONFIG_FILE}) to resume")
+            return cls(path, claimed.pop_all())
 
     def close(self) -> None:
         if self._events:
@@ -163,9 +142,7 @@ class RunDir:
                 events.close()
             except OSError as e:  # a full disk: the error that stopped the run says more
                 log.warning("%s: %s", self.path / EVENTS_DIR, e.strerror or e)
-        if self._lock:
-            self._lock.close()  # releases the flock
-            self._lock = None
+        self._claim.close()
 
     def __enter__(self) -> RunDir:
         return self
@@ -183,8 +160,10 @@ class RunDir:
 
     # ---- the options --------------------------------------------------------------------
     def write_config(self, options: dict[str, Any]) -> None:
-        if is_primary():
-            write_file(self.path / CONFIG_FILE, yaml.safe_dump(options, sort_keys=False))
+        """The run's options, replaced whole (unchanged ones leave the file as it is)."""
+        f, text = self.path / CONFIG_FILE, yaml.safe_dump(options, sort_keys=False)
+        if is_primary() and not (f.is_file() and f.read_text(errors="replace") == text):
+            write_file(f, text)
 
     # ---- metrics ------------------------------------------------------------------------
     @property
@@ -194,25 +173,17 @@ class RunDir:
     def history_until(self, step: int) -> list[dict]:
         """The metrics up to `step`, rewritten so: what followed the checkpoint is dropped, and
         so is a line a crash cut short."""
-        f = self.metrics_file
-        lines = f.read_text(errors="replace").splitlines() if f.exists() else []
-        history, bad = [], []
-        for n, line in enumerate(lines, 1):
-            try:
-                m = json.loads(line)
-                if not isinstance(m, dict) or type(m.get("step")) is not int:
-                    raise ValueError
-            except ValueError:
-                bad.append(n)
-                continue
-            if m["step"] <= step:
-                history.append(m)
-        if bad:
-            log.warning("%s: dropped unreadable line(s) %s", f, ", ".join(map(str, bad)))
+        history = read_history(self.metrics_file, step)
         barrier("read the metrics")
-        if is_primary():
-            write_file(f, "".join(json.dumps(m) + "\n" for m in history))
+        self.write_history(history)
         return history
+
+    def write_history(self, history: list[dict]) -> None:
+        """metrics.jsonl replaced whole by `history` (left as it is when it holds just that)."""
+        f, text = self.metrics_file, "".join(json.dumps(m) + "\n" for m in history)
+        if is_primary() and not (f.is_file() and f.read_text(errors="replace") == text):
+            write_file(f, text)
+        barrier("wrote the metrics")  # every process reads them back whole
 
     def record(self, m: dict) -> None:
         """One step's or evaluation's metrics, in metrics.jsonl and TensorBoard."""
@@ -227,8 +198,21 @@ class RunDir:
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         d = self.path / CKPT_DIR
-        steps = (p for p in d.iterdir() if _STEP_DIR.match(p.name)) if d.is_dir() else ()
-        return sorted(p for p in steps if p.is_dir())
+        steps = (p for p in d.iterdir() if STEP_DIR.fullmatch(p.name)) if d.is_dir() else ()
+        return sorted((p for p in steps if p.is_dir()), key=step_of)
+
+    def finished(self, steps: int) -> bool:
+        """Whether the run holds its checkpoint of step `steps` and the model written after it
+        (a model of an earlier finish is older than the checkpoint)."""
+        ckpts = self.checkpoints()
+        if not (ckpts and ckpts[-1].name == f"step_{steps:08d}"):
+            return False
+        model, state = self.path / checkpoint.CONFIG_FILE, ckpts[-1] / STATE_FILE
+        return (
+            checkpoint.is_checkpoint(self.path)
+            and state.is_file()
+            and model.stat().st_mtime_ns >= state.stat().st_mtime_ns
+        )
 
     def kept(self) -> str:
         """The checkpoint the run would resume from, for messages."""
@@ -276,19 +260,59 @@ class RunDir:
         return None
 
 
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint directory's name says it holds."""
+    return int(ckpt.name[5:])
+
+
+def read_history(f: Path, step: int) -> list[dict]:
+    """The lines of metrics file `f` up to `step` (none when it is absent); an unreadable one is
+    dropped with a warning."""
+    lines = f.read_text(errors="replace").splitlines() if f.exists() else []
+    history, bad = [], []
+    for n, line in enumerate(lines, 1):
+        try:
+            m = json.loads(line)
+            if not isinstance(m, dict) or type(m.get("step")) is not int:
+                raise ValueError
+        except (ValueError, RecursionError):
+            bad.append(n)
+            continue
+        if m["step"] <= step:
+            history.append(m)
+    if bad:
+        log.warning("%s: dropped unreadable line(s) %s", f, ", ".join(map(str, bad)))
+    return history
+
+
+@contextlib.contextmanager
+def _claimed(path: Path):
+    """The claim on run directory `path` (a run in use is a RunInUseError), in an ExitStack the
+    caller keeps with pop_all() once the run directory is open."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(claim(path, "train"))
+        except OutputInUseError as e:
+            raise RunInUseError(str(e)) from None
+        yield stack
+
+
 def _read_state(f: Path) -> dict:
+    """state.json's step, loss scale and clean steps, each in the range the step takes."""
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing")
+    meta = read_json(f, error=CheckpointError)
     try:
-        meta = json.loads(f.read_text())
         if not (
             type(meta["step"]) is int
-            and meta["step"] >= 0
+            and 0 <= meta["step"] <= INT32
             and type(meta["clean_steps"]) is int
-            and isinstance(meta["loss_scale"], float | int)
+            and 0 <= meta["clean_steps"] <= INT32
+            and type(meta["loss_scale"]) in (float, int)
+            and 0 < meta["loss_scale"] <= np.finfo(np.float32).max
         ):
             raise ValueError
         return meta
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing") from None
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{f}: damaged (expected step, loss_scale, clean_steps)") from None
 

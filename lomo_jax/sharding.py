@@ -53,7 +53,7 @@ def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
         if not part:
             continue
         name, _, value = part.partition("=")
-        if name not in MESH_AXES or not value.isdigit() or int(value) < 1:
+        if name not in MESH_AXES or not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise MeshError(
                 f"--mesh {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}"
             )

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
+from lomo_jax.inputs import is_unicode
 
 
 class TokenizerError(UserError, ValueError):
@@ -145,6 +146,8 @@ class Tokenizer:
         self._control_re = re.compile("(" + "|".join(map(re.escape, self._control)) + ")")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not (text.isascii() or is_unicode(text)):
+            raise TokenizerError(f"cannot tokenize {ascii(text[:40])}...: not valid Unicode")
         ids = list(self._encode(text))
         if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -255,9 +258,9 @@ class Tokenizer:
 
         try:
             tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise TokenizerError(f"{directory}: cannot load tokenizer ({e})") from None
-
+        except Exception as e:  # transformers raises many types for files that are no tokenizer
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"{directory}: cannot load tokenizer ({why})") from None
         return cls(
             lambda s: tok.encode(s, add_special_tokens=False),
             lambda ids, skip: tok.decode(ids, skip_special_tokens=skip),

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from lomo_jax import checkpoint, interrupt
 from lomo_jax.atomic import copy_file
@@ -28,11 +27,29 @@ from lomo_jax.data import FORMATS, DataOptions, Rows, build_rows, check_seq_len,
 from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
+from lomo_jax.inputs import load_yaml, shown, text_problem
 from lomo_jax.packing import SIDES
 from lomo_jax.pretrained import LlamaModel, from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
+from lomo_jax.resume import (
+    PATHS,
+    ResumeError,
+    absolute,
+    check_steps,
+    checkpoint_of,
+    resumed_options,
+    started_in,
+)
 from lomo_jax.rounding import ROUNDINGS
-from lomo_jax.rundir import RunDir
+from lomo_jax.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    NotARunError,
+    RunDir,
+    load_state,
+    read_history,
+    step_of,
+)
 from lomo_jax.schedule import SCHEDULES
 from lomo_jax.sharding import Layout, MeshError, make_mesh
 from lomo_jax.state import NonFiniteError, TrainState
@@ -80,6 +97,22 @@ _AT_LEAST = {
     "save_every": 0,
     "keep_checkpoints": 0,
 }
+# The ranges the step takes: an int32 step count (and so every count of steps, rows or tokens),
+# a uint32 seed (the rounding bits' key).
+INT32 = 2**31 - 1
+_AT_MOST = dict.fromkeys(
+    (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "warmup_steps",
+        "gradient_accumulation_steps",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+    ),
+    INT32,
+) | {"seed": 2**32 - 1}
 _EXPECTED = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
 
 
@@ -92,17 +125,22 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         if base == "bool":
             return value
     elif base == "str" and isinstance(value, str | os.PathLike):
-        return os.fspath(value)
+        text = os.fspath(value)
+        if isinstance(text, str):
+            empty = "an empty path" if not text and name in PATHS else None
+            if problem := text_problem(text) or empty:
+                raise OptionError(name, problem)
+            return text
     elif base == "int" and isinstance(value, int):
         return value
     elif base in ("int", "float") and isinstance(value, int | float | str):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):
             number = float(value)
             if base == "float":
                 return number
             if number.is_integer():
                 return int(number)
-    raise OptionError(name, f"expected {_EXPECTED[base]}, got {value!r}")
+    raise OptionError(name, f"expected {_EXPECTED[base]}, got {shown(value)}")
 
 
 @dataclasses.dataclass
@@ -141,6 +179,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     mesh: str | None = None  # e.g. "fsdp=8", "data=2,fsdp=4"; default: every device on fsdp
+    from_checkpoint: str | None = None  # a new run from another run's checkpoint (`resume`)
 
     def __post_init__(self):
         """Every value checked before anything is written (files are checked by `train`)."""
@@ -149,18 +188,26 @@ class TrainConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise OptionError(
-                    name, f"{getattr(self, name)!r}; choose from {', '.join(choices)}"
+                    name, f"{shown(getattr(self, name))}; choose from {', '.join(choices)}"
                 )
         for name, low in _AT_LEAST.items():
             value = getattr(self, name)
+            if name in _AT_MOST and value > _AT_MOST[name]:
+                raise OptionError(name, f"must be at most {_AT_MOST[name]}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):
-                raise OptionError(name, f"must be at least {low}, got {value}")
+                raise OptionError(name, f"must be at least {low}, got {shown(value)}")
         for name in ("clip_grad_norm", "clip_grad_value"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise OptionError(name, f"must be positive (0 or absent: no clipping), got {value}")
             if value == 0:
                 setattr(self, name, None)
+        if self.rows_per_step * self.seq_len > INT32:
+            raise OptionError(
+                "batch_size",
+                f"{self.rows_per_step} rows of {self.seq_len} tokens a step; at most {INT32} "
+                "tokens (JAX indexes them with int32)",
+            )
         if not 0 <= self.eval_fraction < 1:
             raise OptionError("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction and self.eval_data:
@@ -196,32 +243,73 @@ class TrainConfig:
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
         """Dataclass defaults < YAML file < command-line flags that were given."""
-        values: dict[str, Any] = {}
-        loaded: dict[str, Any] = {}
-        if yaml_file:
-            p = Path(yaml_file)
-            if not p.is_file():
-                raise ConfigError(f"{p}: {'a directory' if p.is_dir() else 'file not found'}")
-            try:
-                loaded = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{p}: expected a mapping of option: value")
-            unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(cls)}, key=str)
-            if unknown:
-                raise ConfigError(f"{p}: unknown option {unknown[0]!r}")
-            values.update(loaded)
-        values.update(overrides)
+        loaded = read_options(Path(yaml_file)) if yaml_file else {}
+        where = dict.fromkeys(set(loaded) - set(overrides), str(yaml_file))
+        return cls.from_values({**loaded, **overrides}, where)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], where: dict[str, str]) -> TrainConfig:
+        """The config of `values`; a bad one's error names the file it came from, `where[name]`
+        (a flag's names the flag)."""
         missing = [k for k in ("model", "data", "out") if values.get(k) is None]
         if missing:
             raise ConfigError(f"missing required option --{missing[0]} (flag or config file)")
         try:
             return cls(**values)
         except OptionError as e:
-            if e.name in loaded and e.name not in overrides:
-                raise ConfigError(f"{yaml_file}: {e.name}: {e.problem}") from None
+            if e.name in where:
+                raise ConfigError(f"{where[e.name]}: {e.name}: {e.problem}") from None
             raise
+
+    @classmethod
+    def resumed(
+        cls,
+        run: str | Path,
+        yaml_file: str | Path | None,
+        flags: dict[str, Any],
+        from_checkpoint: str | None = None,
+    ) -> tuple[TrainConfig, list[str]]:
+        """The options of `--resume RUN`: the run's saved ones, with the given ones (a `--config`
+        file, then flags) that a resumed run may change (`lomo_jax.resume`: a fixed one that
+        differs is refused) -> (config, the changes taken). With `from_checkpoint` (one of RUN's
+        checkpoints, or any checkpoint path), the options of a new run from it in `flags["out"]`."""
+        run = Path(run)
+        saved_file = run / CONFIG_FILE
+        if not saved_file.is_file():
+            raise NotARunError(f"{run}: not a training run (no {CONFIG_FILE}) to resume")
+        saved = read_options(saved_file)
+        loaded = read_options(Path(yaml_file)) if yaml_file else {}
+        given = {**loaded, **flags}
+        where = dict.fromkeys(saved, str(saved_file))
+        where |= dict.fromkeys(loaded, str(yaml_file))
+        where = {name: f for name, f in where.items() if name not in flags}
+        out = given.pop("out", None)
+        options, changes = resumed_options(saved, given, where, started_in(run, saved.get("out")))
+        if from_checkpoint is None:
+            if out is not None and os.path.abspath(out) != os.path.abspath(run):
+                source = f"{where['out']}: out" if "out" in where else "--out"
+                raise ResumeError(
+                    f"{source}: a resumed run stays in {run}; to start a new run from one of "
+                    "its checkpoints, add --from-checkpoint step_NNNNNNNN"
+                )
+            options["out"] = os.path.abspath(run)
+        else:
+            if out is None:
+                raise ResumeError("--from-checkpoint starts a new run: give its --out")
+            options["out"] = out
+            options["from_checkpoint"] = str(checkpoint_of(from_checkpoint, run))
+        return cls.from_values(options, where), changes
+
+
+def read_options(p: Path) -> dict[str, Any]:
+    """A YAML file of options (a `--config`, a run's train_config.yaml), each one known."""
+    loaded = load_yaml(p, ConfigError) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of option: value")
+    unknown = sorted(set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)}, key=str)
+    if unknown:
+        raise ConfigError(f"{p}: unknown option {shown(unknown[0])}")
+    return loaded
 
 
 def batch_indices(n_rows: int, batch_size: int, step: int, shuffle: bool, seed: int) -> np.ndarray:
@@ -301,10 +389,22 @@ def train(
     ("loaded"), before the first step: where the CLI hands memory back to the system."""
     after_phase = after_phase or (lambda phase: None)
     with contextlib.ExitStack() as stack:
-        if resume:  # refused at once when the run is in use
+        if resume:  # refused at once when the run is in use, or when it would rewrite history
             run = stack.enter_context(RunDir.resume(c.out))
+            check_steps(run.path, run.checkpoints(), c.steps)
+            if run.finished(c.steps):
+                log.info("%s: already trained to step %d; nothing to do", run.path, c.steps)
+                return run.history_until(c.steps)
         else:
             RunDir.check_new(c.out)
+        restart = resume and bool(run.checkpoints())  # the state comes from the run's checkpoint
+        origin = (
+            checkpoint_of(c.from_checkpoint, None) if c.from_checkpoint and not restart else None
+        )
+        if origin is not None and c.steps < step_of(origin):
+            raise OptionError(
+                "steps", f"{c.steps} is below the step of its --from-checkpoint {origin}"
+            )
         try:
             layout = Layout(make_mesh(c.mesh))
         except MeshError as e:
@@ -318,21 +418,29 @@ def train(
                 c.batch_size,
                 splits,
             )
-        restart = resume and bool(run.checkpoints())  # the weights come from the checkpoint
         model, rows, eval_rows = _load_inputs(c, layout)
         init, step_fn = make_train_step(c.step_options(), model.config, layout)
         like = abstract_state(init, model.params)
         step_fn = _compile(step_fn, like, layout.put_batch(_rows_of_step(c, rows, 0).batch()))
         after_phase("compiled")
-        params = None if restart else read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout)
+        if origin is not None:  # read before anything is written: a bad one leaves no run
+            state = load_state(origin, like, layout)
+        elif not restart:
+            state = layout.on_mesh(
+                init(read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout))
+            )
         if signum := _stop_requested():
             raise interrupt.Interrupted(signum, "before training started; nothing written")
         if not resume:
             run = stack.enter_context(RunDir.create(c.out))
         run.recover()
-        run.write_config(dataclasses.asdict(c))
-        state = run.load_latest(like, layout) if restart else layout.on_mesh(init(params))
-        del params  # the state holds the weights from here
+        if restart:
+            state = run.load_latest(like, layout)
+        if not resume and origin is not None:  # its history up to the checkpoint goes with it
+            run.write_history(read_history(origin.parent.parent / METRICS_FILE, step_of(origin)))
+        # The run has started: its options are those it goes on with (paths absolute, so that
+        # it resumes from any directory).
+        run.write_config(absolute(dataclasses.asdict(c), Path.cwd()))
         after_phase("loaded")
         return _Loop(c, run, model, step_fn, rows, eval_rows, layout, state).train()
 
@@ -452,10 +560,14 @@ class _Loop:
         )
 
     def _finish(self) -> None:
+        """The last step's validation and checkpoint (unless the run holds them already: a
+        resumed run that stopped before its model was written), then the model."""
         c = self.c
-        if self.eval_rows is not None and not (c.eval_every and c.steps % c.eval_every == 0):
+        evaluated = any(m["step"] == c.steps and "eval_loss" in m for m in self.history)
+        if self.eval_rows is not None and not evaluated:
             self._evaluate(c.steps)
-        self._save()  # the final step is always saved
+        if self.saved < c.steps:
+            self._save()  # the final step is always saved
         files = self.model.tokenizer.files if self.model.tokenizer else ()
         checkpoint.write_model(
             self.run.path, self.model.config, self.state.params, files, self.model.generation_config

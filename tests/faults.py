@@ -5,6 +5,7 @@ need a process of their own (a kill, a possible hang, a signal during the import
 
 FAULT is one of
     kill-at-save=N    SIGKILL as the Nth parameter tree of a checkpoint starts being written
+    kill-in=MOD:FUNC  SIGKILL as MOD.FUNC is first called (e.g. convert.safetensors_file:write)
     enospc-events=N   the Nth TensorBoard record and every later one fail: "No space left"
     sigint-at-import  SIGINT while `jax` is being imported
 """
@@ -38,6 +39,18 @@ def _kill_at_save(n: int) -> None:
     checkpoint.write_params = write_params
 
 
+def _kill_in(target: str) -> None:
+    import importlib
+
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(module, name, killed)
+
+
 def _enospc_events(n: int) -> None:
     from tensorboardX.record_writer import RecordWriter
 
@@ -61,6 +74,8 @@ def main() -> int:
         sys.meta_path.insert(0, _SigintAtImport())
     elif kind == "kill-at-save":
         _kill_at_save(int(n))
+    elif kind == "kill-in":
+        _kill_in(n)
     elif kind == "enospc-events":
         _enospc_events(int(n))
     else:

@@ -16,6 +16,7 @@ import pytest
 from lomo_jax import checkpoint
 from lomo_jax.checkpoint import read_params, verify_checksums, write_checksums, write_params
 from lomo_jax.cli import main
+from lomo_jax.lock import lock_file
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
 from tests.test_resume import leftovers, run_with_fault
 from tests.test_train_cli import write_rows
@@ -157,15 +158,16 @@ def test_a_damaged_checkpoint_gives_way_to_the_one_before(tmp_path, finished, ca
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     damaged = damage(run / "checkpoints" / "step_00000002")
-    assert main(["train", "--resume", str(run), "--steps", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 0
     err = capsys.readouterr().err
     assert str(damaged) in err and "resuming from the checkpoint before it" in err, err[-3000:]
-    step1 = read_params(finished / "checkpoints" / "step_00000001" / "params")
-    model = read_params(run / "params")  # the final model: step 1's weights, not step 2's
-    assert [np.asarray(x).tobytes() for x in jax.tree.leaves(model)] == [
-        np.asarray(x).tobytes() for x in jax.tree.leaves(step1)
+    # Step 2 taken again from step 1's checkpoint: the weights the damaged one held, bit for bit.
+    step2 = read_params(finished / "checkpoints" / "step_00000002" / "params")
+    again = read_params(run / "checkpoints" / "step_00000002" / "params")
+    assert [np.asarray(x).tobytes() for x in jax.tree.leaves(again)] == [
+        np.asarray(x).tobytes() for x in jax.tree.leaves(step2)
     ]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").open()] == [1, 2, 3]
 
 
 def test_no_checkpoint_that_loads_is_one_line(tmp_path, finished, capsys):
@@ -173,7 +175,7 @@ def test_no_checkpoint_that_loads_is_one_line(tmp_path, finished, capsys):
     shutil.copytree(finished, run)
     truncate(run / "checkpoints" / "step_00000002")
     f = flip_byte(run / "checkpoints" / "step_00000001")
-    assert main(["train", "--resume", str(run)]) == 1
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 1  # a step to take from one
     err = capsys.readouterr().err
     assert last_line(err) == (
         f"lomo-jax: error: {f}: damaged (its checksum differs from the one saved) "
@@ -192,14 +194,14 @@ def test_a_metrics_line_cut_short_is_dropped(tmp_path, finished, capsys):
 
 
 def snapshot(d):
-    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_a_run_in_use_is_refused_and_a_dead_ones_lock_is_not(tmp_path, finished, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = snapshot(run)
-    with open(run / ".lock", "a+") as held:  # another process training in RUN
+    with open(lock_file(run), "a+") as held:  # another process training in RUN
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.truncate(0)
         held.write("lomo-jax train, pid 4242 on elsewhere\n")
