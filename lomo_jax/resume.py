@@ -24,6 +24,7 @@ from typing import Any
 
 from lomo_jax.errors import UserError
 from lomo_jax.hub import is_repo_id
+from lomo_jax.records import is_dataset_id
 from lomo_jax.rundir import CKPT_DIR, CONFIG_FILE, STEP_DIR, step_of
 
 # The options a run keeps, and why.
@@ -34,7 +35,18 @@ FIXED = {
     "optimizer": "its checkpoints hold that optimizer's state",
     "from_checkpoint": "that is where the run began",
 }
-PATHS = ("model", "data", "eval_data", "template", "tokenizer", "out", "from_checkpoint")
+PATHS = (
+    "model",
+    "data",
+    "eval_data",
+    "template",
+    "chat_template",
+    "tokenizer",
+    "out",
+    "from_checkpoint",
+)
+# The options that may name the Hugging Face Hub instead of a path: a model or a dataset id.
+HUB_IDS = {"model": is_repo_id, "data": is_dataset_id, "eval_data": is_dataset_id}
 
 
 class ResumeError(UserError, ValueError):
@@ -43,17 +55,18 @@ class ResumeError(UserError, ValueError):
 
 def absolute(options: dict[str, Any], base: Path) -> dict[str, Any]:
     """`options` with every path absolute (a relative one taken from `base`); a Hugging Face Hub
-    id that is no path stays as it is."""
+    model or dataset id that is no path stays as it is."""
     out = dict(options)
     for name in PATHS:
         value = out.get(name)
-        if isinstance(value, str) and value and not (name == "model" and _is_hub_id(value, base)):
+        if isinstance(value, str) and value and not _is_hub_id(name, value, base):
             out[name] = os.path.normpath(base / value)
     return out
 
 
-def _is_hub_id(value: str, base: Path) -> bool:
-    return is_repo_id(value) and not (base / value).exists()
+def _is_hub_id(name: str, value: str, base: Path) -> bool:
+    is_id = HUB_IDS.get(name)
+    return is_id is not None and is_id(value) and not (base / value).exists()
 
 
 def started_in(run: Path, saved_out: Any) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lomo_jax import checkpoint
+from lomo_jax import checkpoint, resume
 from lomo_jax.checkpoint import read_params
 from lomo_jax.cli import main
 from tests.conftest import CONFIGS, make_hf_dir, random_ids, train_args
@@ -221,3 +221,19 @@ def test_a_run_resumes_from_another_directory(tmp_path, base, monkeypatch):
     assert main(["train", "--resume", os.path.relpath(first / "runs" / "a"), "--steps", "3"]) == 0
     saved = yaml.safe_load(config.read_text())
     assert (saved["model"], saved["data"], saved["out"]) == absolute
+
+
+def test_saved_paths_are_absolute_and_hub_ids_stay_ids(tmp_path):
+    (tmp_path / "org" / "local").mkdir(parents=True)
+    given = {
+        "model": "meta-llama/Llama-3.2-1B",
+        "data": "tatsu-lab/alpaca:train[:10%]",
+        "eval_data": "org/local",
+        "chat_template": "chat.jinja",
+        "template": None,
+    }
+    saved = resume.absolute(given, tmp_path)
+    assert saved["model"] == given["model"] and saved["data"] == given["data"]
+    assert saved["eval_data"] == str(tmp_path / "org" / "local")  # a path of an id's form is a path
+    assert saved["chat_template"] == str(tmp_path / "chat.jinja")
+    assert saved["template"] is None
