@@ -9,8 +9,8 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from lomo_jax.chat import Renderer, template_for
-from lomo_jax.generate import Context, Sampling
+from lomo_jax.chat import ChatError, Renderer, template_for
+from lomo_jax.generate import MAX_SEED, Context, Sampling
 from lomo_jax.pretrained import LlamaModel
 
 HELP = "/reset starts a new conversation, /exit or Ctrl-D quits"
@@ -31,10 +31,25 @@ class _Printer:
         self.shown = text
 
 
+def _piped_lines(stdin: TextIO) -> Iterator[str]:
+    """The lines of a pipe or file, each decoded alone, so that a bad byte is named by its line
+    (a text stream decodes ahead, in chunks)."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # text already (io.StringIO)
+        yield from (line.rstrip("\r\n") for line in iter(stdin.readline, ""))
+        return
+    for n, line in enumerate(iter(raw.readline, b""), 1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ChatError(f"stdin: line {n} is not UTF-8 text") from None
+        yield text.rstrip("\r\n")
+
+
 def _lines(stdin: TextIO, stdout: TextIO) -> Iterator[str]:
     """The user's lines; on a terminal after a prompt, with line editing and history."""
     if not (stdin is sys.stdin and stdin.isatty()):
-        yield from (line.rstrip("\r\n") for line in iter(stdin.readline, ""))
+        yield from _piped_lines(stdin)
         return
     import readline  # noqa: F401  (input() edits lines with it)
 
@@ -94,7 +109,8 @@ def chat_loop(
         tokens: list[int] = []
         printer = _Printer(stdout)
         n = min(max_new_tokens, room)
-        for next_B in context.stream([ids], n, sampling, seed + replies, model.end_ids):
+        turn_seed = (seed + replies) % (MAX_SEED + 1)  # a seed near the top wraps, as uint32s do
+        for next_B in context.stream([ids], n, sampling, turn_seed, model.end_ids):
             tokens.append(int(next_B[0]))
             printer.show(model.reply_text(tokens))
         reply = model.reply_text(tokens)

@@ -353,7 +353,7 @@ def test_chat_prompt_has_one_bos_where_the_template_writes_it(tmp_path):
     assert theirs(theirs.apply_chat_template(USER, tokenize=False))["input_ids"].count(0) == 2
 
 
-def test_bad_chat_inputs_are_one_line(chatty, tmp_path, capsys):
+def test_bad_chat_inputs_are_one_line(chatty, tmp_path, capsys, monkeypatch):
     plain = tmp_path / "plain"
     shutil.copytree(chatty, plain)
     (plain / "chat_template.jinja").unlink()
@@ -376,6 +376,11 @@ def test_bad_chat_inputs_are_one_line(chatty, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"lomo-jax: error: {message}"), err
     assert not (tmp_path / "out").exists()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n\xff\n"), "utf-8"))
+    assert main(["chat", str(chatty), "--max-new-tokens", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1  # the first line's reply
+    assert err.strip().splitlines()[-1] == "lomo-jax: error: stdin: line 2 is not UTF-8 text"
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
     given = ["--chat-template", str(template), "--max-new-tokens", "8"]
