@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
+from lomo_jax.inputs import SMALL_FILE, read_text
 from lomo_jax.loss import IGNORE
 from lomo_jax.packing import Example, truncate
 from lomo_jax.tokenizer import CHAT_TEMPLATE_FILE, Tokenizer
@@ -43,12 +44,9 @@ class ChatError(UserError, ValueError):
 def read_template(path: str | Path) -> str:
     """A chat template file's text (`--chat-template FILE`)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ChatError(f"{p}: chat template file not found")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ChatError(f"{p}: a chat template must be UTF-8 text") from None
+    return read_text(p, SMALL_FILE, ChatError)
 
 
 def template_for(tok: Tokenizer, path: str | Path | None = None) -> tuple[str, str]:

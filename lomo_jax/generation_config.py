@@ -17,6 +17,7 @@ from lomo_jax.atomic import write_file
 from lomo_jax.config import LlamaConfig
 from lomo_jax.errors import UserError
 from lomo_jax.generate import GenerateError, Sampling
+from lomo_jax.inputs import SMALL_FILE, parse_json, read_text
 
 FILE = "generation_config.json"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -67,11 +68,8 @@ class GenerationConfig:
 
     @classmethod
     def read(cls, path: Path) -> GenerationConfig:
-        try:
-            text = path.read_text()
-            values = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise GenerationConfigError(f"{path}: invalid JSON: {e}") from None
+        text = read_text(path, SMALL_FILE, GenerationConfigError)
+        values = parse_json(text, path, GenerationConfigError)
         if not isinstance(values, dict):
             raise GenerationConfigError(f"{path}: not a JSON object")
         for key, (ok, what) in _CHECKS.items():

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from lomo_jax.errors import UserError
-from lomo_jax.inputs import is_unicode
+from lomo_jax.inputs import SMALL_FILE, is_unicode, read_json, read_text
 
 
 class TokenizerError(UserError, ValueError):
@@ -307,14 +306,14 @@ def chat_template_of(directory: str | Path) -> str | None:
     `chat_template` (text, or a list of named templates: the "default" one). None without one."""
     d = Path(directory)
     if (d / CHAT_TEMPLATE_FILE).is_file():
-        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        return read_text(d / CHAT_TEMPLATE_FILE, SMALL_FILE, TokenizerError)
     f = d / "tokenizer_config.json"
     if not f.is_file():
         return None
-    try:
-        template = json.loads(f.read_text(encoding="utf-8")).get("chat_template")
-    except (ValueError, AttributeError) as e:  # UnicodeDecodeError and JSONDecodeError are too
-        raise TokenizerError(f"{f}: not a JSON object ({e})") from None
+    config = read_json(f, error=TokenizerError)
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{f}: not a JSON object")
+    template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

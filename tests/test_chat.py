@@ -218,7 +218,13 @@ def test_chat_template_of_reads_both_places(tmp_path):
     assert chat_template_of(tmp_path) == "{{ b }}"
     (tmp_path / "tokenizer_config.json").write_text("{oops")
     (tmp_path / "chat_template.jinja").unlink()
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: not a JSON object"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json:1: cannot read as json"):
+        chat_template_of(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[" * 100_000)
+    with pytest.raises(TokenizerError, match="nested deeper than a JSON reader follows"):
+        chat_template_of(tmp_path)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ a }}\n\xff")
+    with pytest.raises(TokenizerError, match="chat_template.jinja:2: not UTF-8 text"):
         chat_template_of(tmp_path)
 
 

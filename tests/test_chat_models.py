@@ -11,6 +11,7 @@ token: decoding would show it), then " bye". A random one of the same shape chat
 
 import io
 import json
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from convert import export_hf, import_checkpoint
 from convert.synthetic import random_hf_tensors, write_llama2c, write_meta
 from lomo_jax.cli import main
 from lomo_jax.generate import Context, Sampling, generate, warp
+from lomo_jax.generation_config import GenerationConfig, GenerationConfigError
 from tests.conftest import CONFIGS, TINY, needs_torch, random_ids, train_args
 
 CHATML = (
@@ -387,6 +389,20 @@ def test_bad_chat_inputs_are_one_line(chatty, tmp_path, capsys, monkeypatch):
     assert main(["generate", str(plain), "--chat", "hi", *given]) == 0
     expected = lomo_jax.from_pretrained(chatty).chat([{"role": "user", "content": "hi"}], 8)
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_unreadable_generation_configs_are_one_line(tmp_path):
+    f = tmp_path / "generation_config.json"
+    cases = {
+        b"[" * 100_000: "nested deeper than a JSON reader follows",
+        b'{"eos_token_id": 2,\n "top_p": "\xff"}': ":2: not UTF-8 text",
+        b"{oops": ":1: cannot read as json",
+        b"[2]": "not a JSON object",
+    }
+    for content, message in cases.items():
+        f.write_bytes(content)
+        with pytest.raises(GenerationConfigError, match=re.escape(message)):
+            GenerationConfig.read(f)
 
 
 def test_generation_config_is_derived_where_there_is_none(chatty, tmp_path):
