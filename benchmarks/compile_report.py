@@ -249,8 +249,8 @@ def main() -> None:
     cuda_plugin.import_jax()
     import jax.numpy as jnp
 
-    from lomo_jax.config import preset
     from lomo_jax.memory import lower, target_layout
+    from lomo_jax.presets import preset
 
     cfg = preset(a.model)
     layout = target_layout(a.target, a.devices)

@@ -102,7 +102,8 @@ DRY_ROWS = (  # one of each kind of row
 
 
 def model_config(name: str):
-    from lomo_jax.config import LlamaConfig, preset
+    from lomo_jax.config import LlamaConfig
+    from lomo_jax.presets import preset
 
     if name == "small":  # the correctness checks' model
         return LlamaConfig(

@@ -31,8 +31,8 @@ from rss import child_peak_rss, dir_bytes
 import lomo_jax
 from convert.export import write_hf
 from convert.synthetic import random_hf_tensors
-from lomo_jax.config import preset
 from lomo_jax.memory import analyze
+from lomo_jax.presets import preset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDED_FREE_BYTES = 60 * 10**9

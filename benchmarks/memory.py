@@ -51,8 +51,8 @@ def main() -> None:
     if a.target == "cpu" and a.devices > 1:  # JAX reads the device count once, when it starts
         jax.config.update("jax_num_cpu_devices", a.devices)
 
-    from lomo_jax.config import PRESETS, preset
     from lomo_jax.memory import METHODS, SHARDED_METHODS, TARGETS, analyze, target_layout
+    from lomo_jax.presets import PRESETS, preset
 
     if a.model not in PRESETS:
         p.error(f"--model: choose from {sorted(PRESETS)}")

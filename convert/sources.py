@@ -80,10 +80,16 @@ def _hf_weight_files(d: Path) -> list[Path]:
     raise ConversionError(d, "no model.safetensors, pytorch_model.bin or index file")
 
 
+def read_hf_config(path: Path) -> LlamaConfig:
+    """A Hugging Face config.json (no weights needed); a bad one is an error naming it."""
+    raw = _read_json(path)
+    return _config(path, lambda: LlamaConfig.from_hf_dict(raw))
+
+
 def read_hf(d: Path) -> Source:
     cfg_path = d / "config.json"
     raw = _read_json(cfg_path)
-    cfg = _config(cfg_path, lambda: LlamaConfig.from_hf_dict(raw))
+    cfg = read_hf_config(cfg_path)
     files = _hf_weight_files(d)
 
     def tensors():

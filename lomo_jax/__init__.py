@@ -15,9 +15,9 @@ import os
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 _EXPORTS = {
-    "PRESETS": "lomo_jax.config",
+    "PRESETS": "lomo_jax.presets",
     "LlamaConfig": "lomo_jax.config",
-    "preset": "lomo_jax.config",
+    "preset": "lomo_jax.presets",
     "decoder_layer": "lomo_jax.model",
     "embed": "lomo_jax.model",
     "forward": "lomo_jax.model",

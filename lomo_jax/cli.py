@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 import lomo_jax
 from lomo_jax import cuda_plugin, host_memory, interrupt
@@ -199,46 +198,47 @@ def _cmd_data(a: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _model_config(src: str):
-    """The config of a preset, a lomo-jax checkpoint or anything `import` reads (no weights)."""
-    from lomo_jax import checkpoint
-    from lomo_jax.config import PRESETS, preset
-
-    if src in PRESETS:
-        return preset(src)
-    if checkpoint.is_checkpoint(src):
-        return checkpoint.read_model_info(src)[0]
-    if not Path(src).exists():
-        raise FileNotFoundError(f"{src}: neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    from convert.sources import detect
-
-    return detect(src).config
-
-
 def _cmd_plan(a: argparse.Namespace) -> None:
     import json
 
     import jax
 
+    from lomo_jax.longest import max_seq_len
     from lomo_jax.memory import GPUS, plan
+    from lomo_jax.presets import find_config
     from lomo_jax.train_step import DTYPES
 
-    cfg = _model_config(a.model).replace(attention=a.attention)
+    cfg = find_config(a.model).replace(attention=a.attention)
     if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
         jax.config.update("jax_num_cpu_devices", a.devices)
     method = f"fused-{a.optimizer}" if a.optimizer in ("lomo", "adalomo") else a.optimizer
-    row = plan(cfg, method, a.batch_size, a.seq_len, DTYPES[a.dtype], a.target, a.devices)
+    on = (method, a.batch_size, DTYPES[a.dtype], a.target, a.devices)
+    if a.max_seq_len is None:
+        row = plan(cfg, method, a.batch_size, a.seq_len, *on[2:])
+    else:
+        row = max_seq_len(cfg, *on, limit=a.max_seq_len or None)
     if a.json:
         print(json.dumps(row))
         return
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     device = GPUS[a.target].name if a.target in GPUS else "CPU"
-    print(
-        f"{a.model}: {method}, batch {a.batch_size} x {a.seq_len}, {a.dtype}, on "
-        f"{a.devices} x {device}, per device: parameters {gib(row['param_bytes'])}, "
+    shape = f"batch {a.batch_size}" + ("" if a.max_seq_len is not None else f" x {a.seq_len}")
+    peak = (
         f"peak {gib(row['peak_bytes'])} ({row['peak_over_params']:.3f} x parameters) of "
-        f"{gib(row['device_bytes'])}: " + ("fits" if row["fits"] else "does NOT fit")
+        f"{gib(row['device_bytes'])}"
     )
+    print(
+        f"{a.model}: {method}, {shape}, {a.dtype}, on {a.devices} x {device}, per device: "
+        f"parameters {gib(row['param_bytes'])}, ",
+        end="",
+    )
+    if a.max_seq_len is None:
+        print(f"{peak}: " + ("fits" if row["fits"] else "does NOT fit"))
+    elif row["max_seq_len"]:
+        limit = " (the search's limit)" if row["max_seq_len"] == row["limit"] else ""
+        print(f"the longest sequence that fits: {row['max_seq_len']} tokens{limit}, {peak}")
+    else:
+        print(f"not even {row['seq_len']} tokens fit: {peak}")
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -533,13 +533,27 @@ def _parser() -> argparse.ArgumentParser:
         "(nothing is allocated); a GPU's usable memory is 95%% of what CUDA reports (set "
         "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95: JAX takes 75%% by default).",
     )
-    s.add_argument("--model", required=True, help="a preset (llama-7b, ...) or a checkpoint")
+    s.add_argument(
+        "--model",
+        required=True,
+        help="a preset (llama3.1-8b, ...), a Hub id (its config.json alone is read) or a "
+        "directory (config.json alone will do)",
+    )
     s.add_argument("--target", choices=TARGETS, default="cpu")
     s.add_argument(
         "--devices", type=_int(1, MAX_DEVICES), default=1, help="shard over N devices (fsdp=N)"
     )
     s.add_argument("--batch-size", type=_int(1), default=1)
     s.add_argument("--seq-len", type=_int(1), default=1024)
+    s.add_argument(
+        "--max-seq-len",
+        nargs="?",
+        const=0,
+        type=_int(1),
+        metavar="LIMIT",
+        help="instead of --seq-len: find the longest sequence (a multiple of 1024, up to LIMIT, "
+        "by default the model's context) that fits",
+    )
     s.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     s.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
     s.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")

@@ -17,8 +17,9 @@ import numpy as np
 
 from lomo_jax.atomic import OutputExistsError, check_free, discard
 from lomo_jax.compiler import jit
-from lomo_jax.config import LlamaConfig, preset
+from lomo_jax.config import LlamaConfig
 from lomo_jax.lock import claim
+from lomo_jax.presets import preset
 
 log = logging.getLogger("lomo_jax")
 

@@ -5,7 +5,9 @@ the config, tokenizer and safetensors weights first."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from lomo_jax.errors import first_line
@@ -26,15 +28,34 @@ def resolve(ref: str | Path) -> Path:
     path = Path(ref)
     if path.exists() or not is_repo_id(ref):
         return path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import snapshot_download
 
-    try:
+    with _not_found(str(ref), f"`hf download {ref}`"):
         return Path(snapshot_download(str(ref), allow_patterns=FILES))
+
+
+def file(repo_id: str, filename: str) -> Path:
+    """One file of a repository, from the cache (downloaded alone unless HF_HUB_OFFLINE)."""
+    from huggingface_hub import hf_hub_download
+
+    with _not_found(repo_id, f"`hf download {repo_id} {filename}`", filename):
+        return Path(hf_hub_download(repo_id, filename))
+
+
+@contextlib.contextmanager
+def _not_found(ref: str, fetch: str, filename: str | None = None) -> Iterator[None]:
+    """huggingface_hub's errors as a FileNotFoundError of one line naming `ref`."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    what = f"{ref}: no {filename}" if filename else f"{ref}: no such path, and not"
+    try:
+        yield
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"{ref}: no such path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"fetch it with `hf download {ref}`"
+            f"{what} in the Hugging Face cache ({constants.HF_HUB_CACHE}); fetch it with {fetch}"
         ) from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"{ref}: the repository has no {filename}") from None
     except HfHubHTTPError as e:
         raise FileNotFoundError(f"{ref}: the Hugging Face Hub says: {first_line(e)}") from None

@@ -78,8 +78,8 @@ def test_the_check_sees_a_stack_copy():
 def test_llama_7b_fused_adalomo_fits_the_papers_ratio(batch, seq, ratio):
     """Issue 3's bound on the compiled plan (nothing allocated): peak <= ratio x parameters,
     the paper's 14.58 GB over 12.55 GB of parameters at 8 x 512."""
-    from lomo_jax.config import preset
     from lomo_jax.memory import analyze
+    from lomo_jax.presets import preset
 
     row = analyze(preset("llama-7b"), "fused-adalomo", batch, seq)
     assert row["peak_bytes"] <= ratio * row["param_bytes"], row["peak_over_params"]
