@@ -17,15 +17,17 @@ bigger than one block, blockwise otherwise. Grouped-query heads are never repeat
 heads of a group are batched against their shared k / v head.
 
 The mask is linear too (`Mask`): query t sits at key index `offset + t` (the tokens already in a
-KV cache) and sees keys s <= offset + t, of its own segment (packed documents; 0 = padding, which
-sees only padding), and with a window W only the W latest (offset + t - s < W, as Mistral's
-sliding window).
+KV cache, or the chunks of a split sequence before it) and sees keys s <= offset + t, of its own
+segment (packed documents; 0 = padding, which sees only padding), and with a window W only the W
+latest (offset + t - s < W, as Mistral's sliding window). With a `split` the queries and keys are
+one device's share of a sequence split over a mesh (lomo_jax.sequence_sharding): the split
+gathers the keys and attends here.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +45,17 @@ _NEG = float(np.finfo(np.float32).min)
 class Mask(NamedTuple):
     """Which keys each query sees, in O(T) memory (see the module docstring)."""
 
-    segment_ids_BT: jax.Array | None = None  # packed documents, 0 = padding (keys = queries)
+    segment_ids_BT: jax.Array | None = None  # packed documents, 0 = padding
     offset: jax.Array | int = 0  # key index of query 0: how many tokens a KV cache holds
+    key_segment_ids_BS: jax.Array | None = None  # the keys' segments, where keys != queries
+    split: Any = None  # a sequence_sharding.SequenceSplit: q, k, v are one device's tokens
+
+    def segments(self) -> tuple[jax.Array, jax.Array] | None:
+        """(queries', keys') segment ids, or None without packing."""
+        if self.segment_ids_BT is None:
+            return None
+        keys = self.key_segment_ids_BS
+        return self.segment_ids_BT, self.segment_ids_BT if keys is None else keys
 
 
 def attend(
@@ -59,11 +70,11 @@ def attend(
 ) -> jax.Array:
     """Attention output [B, T, H, K] of queries [B, T, H, K] over keys / values [B, S, KVH, K]
     (blocks of BLOCK queries / keys unless given)."""
-    B, T, H, K = q_BTHK.shape
-    S = k_BSHK.shape[1]
+    if mask.split is not None:
+        return mask.split.attend(q_BTHK, k_BSHK, v_BSHK, mask, impl, window, block_q, block_k)
     block_q, block_k = block_q or BLOCK, block_k or BLOCK
-    if mask.segment_ids_BT is not None and S != T:
-        raise ValueError("segment ids need keys = queries (no KV cache)")
+    if mask.segments() is not None and mask.segments()[1].shape[1] != k_BSHK.shape[1]:
+        raise ValueError("segment ids need one per key (none with a KV cache)")
     if impl == "auto":
         impl = choose(q_BTHK, k_BSHK, mask, block_q, block_k)
     if impl == "dense":
@@ -151,8 +162,8 @@ def dense(q_BTHK, k_BSHK, v_BSHK, mask: Mask, window: int | None = None) -> jax.
     """The reference: every score at once."""
     T, K, S = q_BTHK.shape[1], q_BTHK.shape[3], k_BSHK.shape[1]
     q_BHGTK, k_BHSK, v_BHSK = _grouped(q_BTHK, k_BSHK, v_BSHK)
-    seg = mask.segment_ids_BT
-    ok_BTS = _visible(mask.offset + jnp.arange(T), jnp.arange(S), seg, seg, window)
+    q_seg, k_seg = mask.segments() or (None, None)
+    ok_BTS = _visible(mask.offset + jnp.arange(T), jnp.arange(S), q_seg, k_seg, window)
     scores_BHGTS = jnp.einsum("bhgtk,bhsk->bhgts", q_BHGTK, k_BHSK).astype(jnp.float32)
     scores_BHGTS = scores_BHGTS / np.sqrt(K).astype(np.float32)
     scores_BHGTS = jnp.where(ok_BTS[:, None, None], scores_BHGTS, _NEG)
@@ -178,8 +189,8 @@ def blockwise(
     q_BHGTK, k_BHSK, v_BHSK = _grouped(
         _pad(q_BTHK, pad_t, 1), _pad(k_BSHK, pad_s, 1), _pad(v_BSHK, pad_s, 1)
     )
-    seg = mask.segment_ids_BT
-    segs = None if seg is None else (_pad(seg, pad_t, 1), _pad(seg, pad_s, 1))
+    segs = mask.segments()
+    segs = None if segs is None else (_pad(segs[0], pad_t, 1), _pad(segs[1], pad_s, 1))
     out = _flash(q_BHGTK, k_BHSK, v_BHSK, segs, jnp.asarray(mask.offset, jnp.int32), window, bq, bk)
     return _ungrouped(out)[:, :T]
 
