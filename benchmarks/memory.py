@@ -12,7 +12,8 @@ same layer-boundary checkpointing). peak = arguments + outputs + temporaries - a
 With --devices N the step is sharded over N devices (mesh fsdp=N unless --mesh says otherwise)
 and every figure is per device: param_bytes is one device's share. --target h100 / h200 / rtx4090
 compiles for that GPU without one (lomo_jax.memory: needs JAX's CUDA plugin); the default is
-this machine's CPU (several devices: host-platform CPU devices).
+this machine's CPU (several devices: host-platform CPU devices). --offload-activations: the
+fused steps keep their saved layer inputs in host memory (host GB: what they keep there).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def main() -> None:
     p.add_argument("--mesh", help="with --devices: e.g. data=2,fsdp=4 (default fsdp=N)")
     p.add_argument("--attention", default="auto", help="auto, dense, blockwise or cudnn")
     p.add_argument("--methods", help="comma-separated (default: every method that applies)")
+    p.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="the fused steps keep their saved layer inputs in host memory",
+    )
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
     lomo_jax.configure()  # as the CLI: XLA:CPU's memory-aware scheduler, before JAX starts
@@ -62,21 +68,20 @@ def main() -> None:
     layout = target_layout(a.target, a.devices, a.mesh)
     sharded = a.devices > 1
     methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if sharded else METHODS)
-    rows = [
-        analyze(cfg, m, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout, a.rounding)
-        for m in methods
-    ]
+    on = a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout, a.rounding
+    offload = a.offload_activations
+    rows = [analyze(cfg, m, *on, offload and m.startswith("fused-")) for m in methods]
     if a.json:
         print(json.dumps(rows))
         return
     where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if sharded else ""
     rounded = f" ({a.rounding} rounding)" if a.dtype != "float32" else ""
     print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{rounded}, {a.target}{where}")
-    print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s}")
+    print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s} {'host GB':>8s}")
     for r in rows:
         print(
             f"{r['method']:15s} {r['param_bytes'] / 1e9:10.2f} {r['peak_bytes'] / 1e9:9.2f} "
-            f"{r['peak_over_params']:12.3f}"
+            f"{r['peak_over_params']:12.3f} {r['host_bytes'] / 1e9:8.2f}"
         )
 
 

@@ -40,9 +40,9 @@ def _cmd_export(a: argparse.Namespace) -> None:
 
 def _layout(a: argparse.Namespace):
     """`--mesh` of eval / generate: the model sharded over this process's devices, or None."""
-    from lomo_jax.sharding import Layout, make_mesh
+    from lomo_jax.sharding import Layout
 
-    return Layout(make_mesh(a.mesh)) if a.mesh else None
+    return Layout.of(a.mesh) if a.mesh else None
 
 
 def _generation_inputs(a: argparse.Namespace):
@@ -213,10 +213,11 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         jax.config.update("jax_num_cpu_devices", a.devices)
     method = f"fused-{a.optimizer}" if a.optimizer in ("lomo", "adalomo") else a.optimizer
     on = (method, a.batch_size, DTYPES[a.dtype], a.target, a.devices)
+    how = {"offload": a.offload_activations, "mesh": a.mesh}
     if a.max_seq_len is None:
-        row = plan(cfg, method, a.batch_size, a.seq_len, *on[2:])
+        row = plan(cfg, method, a.batch_size, a.seq_len, *on[2:], **how)
     else:
-        row = max_seq_len(cfg, *on, limit=a.max_seq_len or None)
+        row = max_seq_len(cfg, *on, limit=a.max_seq_len or None, **how)
     if a.json:
         print(json.dumps(row))
         return
@@ -232,6 +233,8 @@ def _cmd_plan(a: argparse.Namespace) -> None:
         f"parameters {gib(row['param_bytes'])}, ",
         end="",
     )
+    if row["offload"]:
+        peak += f", {gib(row['host_bytes'])} in host memory (layer inputs offloaded)"
     if a.max_seq_len is None:
         print(f"{peak}: " + ("fits" if row["fits"] else "does NOT fit"))
     elif row["max_seq_len"]:
@@ -247,7 +250,10 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     run_demo(a.out)
 
 
-MESH_HELP = "shard the model over devices: fsdp=8, data=2,fsdp=4, ..."
+MESH_HELP = (
+    "shard the model over devices: fsdp=8, data=2,fsdp=4, ...; a batch smaller than data x fsdp "
+    "has each sequence split over fsdp (length=fsdp forces it, length=none never)"
+)
 INT32 = 2**31 - 1  # the largest count or size a step takes
 MAX_DEVICES = 1024  # of a plan: XLA builds a device per shard (100k CPU devices took minutes)
 
@@ -362,7 +368,7 @@ def _rows_flags(s: argparse.ArgumentParser, data: str, format: str, task: str | 
 def _parser() -> argparse.ArgumentParser:
     from lomo_jax.attention import IMPLEMENTATIONS
     from lomo_jax.data import FORMATS
-    from lomo_jax.memory import TARGETS
+    from lomo_jax.memory import OFFLOAD, TARGETS
     from lomo_jax.rounding import ROUNDINGS
     from lomo_jax.schedule import SCHEDULES
     from lomo_jax.train_step import DTYPES, OPTIMIZERS
@@ -489,6 +495,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-checkpoints", type=int, help="keep the last K (default 2)")
     s.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     s.add_argument("--mesh", help=MESH_HELP + " (default: every visible device on fsdp)")
+    s.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="fused optimizers: keep the saved layer inputs in host memory (a GPU's pinned host "
+        "memory; `lomo-jax plan --offload-activations auto` says whether a run needs it)",
+    )
     g = s.add_argument_group(
         "several processes (hosts)",
         "start one process per host with the same command; jax.distributed joins them. "
@@ -557,6 +569,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     s.add_argument("--optimizer", choices=OPTIMIZERS, default="adalomo")
     s.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto")
+    s.add_argument(
+        "--mesh",
+        help=MESH_HELP + " (default: fsdp=DEVICES)",
+    )
+    s.add_argument(
+        "--offload-activations",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=OFFLOAD,
+        help="keep the fused step's saved layer inputs in host memory (auto: only when the "
+        "step would not fit without)",
+    )
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=_cmd_plan)
 

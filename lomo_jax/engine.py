@@ -17,6 +17,11 @@ JAX has no backward hooks, so the backward pass is written out:
 Gradients have the weights' dtype, as in the paper's PyTorch code (a bfloat16 model's `.grad` is
 bfloat16); the rules do their arithmetic in float32.
 
+A batch smaller than the mesh is split along its length (`sharding.Layout.sequence_split`): the
+step puts its tokens in the split's order, each device embeds, saves and recomputes only its own
+tokens, attention gathers the keys (`lomo_jax.sequence_sharding`), and each weight's gradient,
+a sum over tokens, is reduce-scattered onto its shards as with a split batch.
+
 Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
 layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
 global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
@@ -39,11 +44,11 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import layout as xla_layout
 
-from lomo_jax import blocks
+from lomo_jax import blocks, offload
 from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
-from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads
+from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads, next_token_targets
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
 from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_stage
 from lomo_jax.optim import (
@@ -156,9 +161,10 @@ class _Reverse(NamedTuple):
     ids: jax.Array  # [B, T] token ids
     positions: jax.Array  # [B, T]
     mask: Mask
-    hs: jax.Array  # [L, B, T, D] each layer's input
+    hs: jax.Array  # [L, B, T, D] each layer's input (in host memory when offloaded)
     dh_L: jax.Array  # [B, T, D]
     layout: Layout | None
+    offload: bool = False  # hs are in host memory: fetch each layer's input a layer ahead
 
     def embedding_grad(self, table: jax.Array, dh_0: jax.Array, g_tied=None) -> jax.Array:
         return _embedding_grad(self.ids, dh_0, table, self.cfg.block_bytes, g_tied)
@@ -226,7 +232,18 @@ def _reverse_layers(rev: _Reverse, consume, acc, stacks_of, dh_L):
         return _layer_backward(rev, stacks_of(acc), i, h_i, dh, consume, acc), None
 
     idx = jnp.arange(rev.cfg.num_hidden_layers)
-    return jax.lax.scan(layer, (acc, dh_L), (rev.hs, idx), reverse=True)[0]
+    if not rev.offload:
+        return jax.lax.scan(layer, (acc, dh_L), (rev.hs, idx), reverse=True)[0]
+
+    def fetch(i):  # layer i's input, from host memory to the device
+        return offload.to_device(jax.lax.dynamic_index_in_dim(rev.hs, i, keepdims=False))
+
+    def prefetching(carry, i):  # layer i - 1's input comes while layer i computes
+        carry, h_i = carry
+        return (layer(carry, (h_i, i))[0], fetch(jnp.maximum(i - 1, 0))), None
+
+    last = fetch(rev.cfg.num_hidden_layers - 1)
+    return jax.lax.scan(prefetching, ((acc, dh_L), last), idx, reverse=True)[0][0]
 
 
 def _untie(g_head: dict) -> tuple[dict, jax.Array | None]:
@@ -310,19 +327,38 @@ def _read_after_write(stack: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_slice(stack, (j,) + (0,) * (stack.ndim - 1), (1,) * stack.ndim)
 
 
-def _forward(cfg: LlamaConfig, params, batch: Batch, scale: jax.Array, layout: Layout | None):
-    """The forward pass, saving each layer's input, then the head's loss and gradients (of loss
-    x `scale`, 1 unless float16). -> (loss, the head's gradients, what the reverse passes walk)"""
+def _forward(
+    cfg: LlamaConfig,
+    params,
+    batch: Batch,
+    scale: jax.Array,
+    layout: Layout | None,
+    offload_inputs: bool = False,
+):
+    """The forward pass, saving each layer's input (in host memory with `offload_inputs`), then
+    the head's loss and gradients (of loss x `scale`, 1 unless float16). -> (loss, the head's
+    gradients, what the reverse passes walk)"""
     positions, mask = batch_inputs(batch)
-    h_0 = embed(cfg, params["embed"], batch.input_ids)
-    h_L, hs = decoder_layers(cfg, params["layers"], h_0, positions, mask, keep_inputs=True)
-    loss, g_head, dh_L = head_loss_and_grads(
-        cfg, _head_params(cfg, params), h_L, batch.labels, scale
+    ids, targets = batch.input_ids, next_token_targets(batch.labels)
+    split = layout.sequence_split(ids.shape) if layout is not None else None
+    if split is not None:  # every [B, T] input in split order, each device its own tokens
+        ids, positions, targets, segments = (
+            None if x is None else split.constrain(split.reorder(x))
+            for x in (ids, positions, targets, mask.segment_ids_BT)
+        )
+        mask = Mask(segments, split=split)
+    h_0 = embed(cfg, params["embed"], ids)
+    h_0 = h_0 if split is None else split.constrain(h_0)
+    store = offload.to_host if offload_inputs else None
+    h_L, hs = decoder_layers(
+        cfg, params["layers"], h_0, positions, mask, keep_inputs=True, store=store
     )
+    loss, g_head, dh_L = head_loss_and_grads(cfg, _head_params(cfg, params), h_L, targets, scale)
     # The reverse pass shards its gradients over a mesh of several devices; on one device it
     # orders the stages' updates and pins their layout (what no mesh would do there either).
     sharded = layout if layout is not None and layout.mesh.size > 1 else None
-    return loss, g_head, _Reverse(cfg, batch.input_ids, positions, mask, hs, dh_L, sharded)
+    rev = _Reverse(cfg, ids, positions, mask, hs, dh_L, sharded, offload_inputs)
+    return loss, g_head, rev
 
 
 def fused_step(
@@ -335,6 +371,7 @@ def fused_step(
     layout: Layout | None = None,
     rounding: str = "stochastic",
     seed: int = 0,
+    offload_activations: bool = False,
 ):
     """One fused training step -> (new state, metrics); `make_fused_step` jits it.
 
@@ -351,12 +388,13 @@ def fused_step(
         rounding: how 16-bit weights take their float32 update: `stochastic` (random bits from
             `seed` and the step) or `nearest` (`lomo_jax.rounding`); no effect in float32.
         seed: the stochastic rounding's seed.
+        offload_activations: keep the saved layer inputs in host memory (`lomo_jax.offload`).
 
     Metrics: `loss`, `lr`, `loss_scale`; `grad_norm` with norm clipping or loss scaling;
     `overflow` with loss scaling.
     """
     params = state.params
-    loss, g_head, rev = _forward(cfg, params, batch, state.scale.scale, layout)
+    loss, g_head, rev = _forward(cfg, params, batch, state.scale.scale, layout, offload_activations)
     sc = StepScalars(
         lr=schedule(state.step),
         t=state.step + 1,
@@ -394,6 +432,7 @@ def make_fused_step(
     layout: Layout | None = None,
     rounding: str = "stochastic",
     seed: int = 0,
+    offload_activations: bool = False,
 ):
     """`fused_step` jitted, `(state, batch) -> (state, metrics)`, with the state donated (its
     buffers are updated in place: do not use the state passed in afterwards). The arguments are
@@ -407,5 +446,6 @@ def make_fused_step(
         layout=layout,
         rounding=rounding,
         seed=seed,
+        offload_activations=offload_activations,
     )
     return jit(step, devices=layout and layout.mesh.devices.flat, donate_argnums=0)

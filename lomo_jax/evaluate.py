@@ -21,7 +21,7 @@ def evaluate_loss(
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows.take(slice(start, start + batch_size)).batch()
-        batch = layout.put_batch(batch) if layout else batch
+        batch = layout.put_batch(batch, sequence=False) if layout else batch
         nll, count = _nll_and_count(cfg, params, batch)
         total, tokens = total + float(nll), tokens + int(count)
     loss = total / max(tokens, 1)

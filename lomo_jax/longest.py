@@ -80,15 +80,17 @@ def max_seq_len(
     target: str = "cpu",
     devices: int = 1,
     limit: int | None = None,
+    offload: str = "off",
+    mesh: str | None = None,
 ) -> dict:
     """`memory.plan` of the longest sequence (a multiple of STEP, at most `limit`, by default the
     model's context; a limit below STEP is the only length) that fits one device of `target`,
     plus "max_seq_len" (0 when not even the shortest fits: then the plan is the shortest's),
-    "limit" and "peaks" (every length compiled -> its peak)."""
+    "limit" and "peaks" (every length compiled -> its peak). `offload`, `mesh`: `memory.plan`'s."""
     rows: dict[int, dict] = {}
 
     def peak_at(length: int) -> int:
-        rows[length] = plan(cfg, method, batch_size, length, dtype, target, devices)
+        rows[length] = plan(cfg, method, batch_size, length, dtype, target, devices, offload, mesh)
         log.info("%d tokens: peak %.2f GiB", length, rows[length]["peak_bytes"] / 2**30)
         return rows[length]["peak_bytes"]
 

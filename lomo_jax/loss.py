@@ -117,18 +117,19 @@ def head_nll(cfg: LlamaConfig, params, h_BTD: jax.Array, labels_BT: jax.Array) -
 
 
 def head_loss_and_grads(
-    cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, labels_BT: jax.Array, cotangent: jax.Array
+    cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, targets_BT: jax.Array, cotangent: jax.Array
 ):
     """Mean loss, the gradients of `cotangent` x loss for the head's weights `hp` (final norm and
     output projection, in their own dtype, as a framework's `.grad`) and for `h_BTD`.
+    `targets_BT`: each position's target (`next_token_targets` of the labels; the positions may
+    be in any order, as a split sequence's are).
 
     A first pass over the vocabulary pieces finds each position's logsumexp, a second recomputes
     each piece's logits, writes its columns' gradient (complete: one matmul over every position)
     and adds its share of dx; one piece's logits exist at a time."""
     B, T, _ = h_BTD.shape
     n, size = vocab_pieces(cfg, B * T)
-    targets_BT = next_token_targets(labels_BT)
-    count = num_targets(labels_BT)
+    count = jnp.maximum(1, jnp.sum(targets_BT != IGNORE))
     x_BTD, norm_vjp = jax.vjp(lambda p, h: final_norm(cfg, {"norm": p}, h), hp["norm"], h_BTD)
     lse_BT, picked_BT = _logsumexp_and_picked(cfg, hp, x_BTD, targets_BT)
     valid_BT = targets_BT != IGNORE

@@ -26,7 +26,7 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.errors import UserError
 from lomo_jax.loss import eval_nll
 from lomo_jax.model import param_shapes
-from lomo_jax.sharding import Layout, abstract, make_mesh
+from lomo_jax.sharding import Layout, abstract
 from lomo_jax.train_step import StepOptions, abstract_batch, abstract_state, make_train_step
 
 METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
@@ -133,7 +133,7 @@ def target_layout(target: str, devices: int = 1, mesh: str | None = None) -> Lay
                 f"{devices} CPU devices requested, {len(jax.devices('cpu'))} exist: set "
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before JAX starts"
             )
-        return Layout(make_mesh(mesh, jax.devices("cpu")[:devices]))
+        return Layout.of(mesh, jax.devices("cpu")[:devices])
     if target not in GPUS:
         raise PlanError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     from jax.experimental import topologies
@@ -150,7 +150,7 @@ def target_layout(target: str, devices: int = 1, mesh: str | None = None) -> Lay
             f'"jax[cuda12-local]=={jax.__version__}" nvidia-cuda-nvcc-cu12): '
             f"{str(e).splitlines()[0]}"
         ) from None
-    return Layout(make_mesh(mesh, topo.devices))
+    return Layout.of(mesh, topo.devices)
 
 
 def device_memory(target: str, devices: int = 1) -> int:
@@ -171,13 +171,16 @@ def _bytes(tree: Any) -> int:
     return sum(one(x) for x in jax.tree.leaves(tree))
 
 
-def step_options(method: str, dtype=jnp.float32, rounding: str = "stochastic") -> StepOptions:
+def step_options(
+    method: str, dtype=jnp.float32, rounding: str = "stochastic", offload: bool = False
+) -> StepOptions:
     """The options `lomo-jax train` gives the step of `method` (a METHODS name but inference) by
-    default, in `dtype` (float16 scales the loss)."""
+    default, in `dtype` (float16 scales the loss), the layer inputs offloaded or not."""
     return StepOptions(
         optimizer=method.removeprefix("fused-"),
         loss_scaling=jnp.dtype(dtype) == jnp.float16,
         rounding=rounding,
+        offload_activations=offload,
     )
 
 
@@ -189,11 +192,13 @@ def lower(
     dtype=jnp.float32,
     layout: Layout | None = None,
     rounding: str = "stochastic",
+    offload: bool = False,
 ):
     """The step of `method` as `lomo-jax train` runs it (`train_step.make_train_step`, a batch
     of training rows), lowered on abstract inputs: nothing is allocated. On `layout`'s devices
     (None: this process's first CPU device), sharded over several (SHARDED_METHODS only); fused
-    steps round 16-bit weights as `rounding` says. -> (lowered, abstract weights)"""
+    steps round 16-bit weights as `rounding` says and keep their layer inputs in host memory
+    with `offload`. -> (lowered, abstract weights)"""
     layout = layout or target_layout("cpu")
     params = param_shapes(cfg, dtype)
     params = abstract(params, layout.params(params))
@@ -205,7 +210,9 @@ def lower(
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if layout.mesh.size > 1 and method not in SHARDED_METHODS:
         raise PlanError(f"{method}: sharded plans exist for {', '.join(SHARDED_METHODS)}")
-    step = make_train_step(step_options(method, dtype, rounding), cfg, layout)
+    if offload and not method.startswith("fused-"):
+        raise PlanError(f"{method}: only the fused steps offload their layer inputs")
+    step = make_train_step(step_options(method, dtype, rounding, offload), cfg, layout)
     return step.step.lower(abstract_state(step.init, params), batch), params
 
 
@@ -217,9 +224,11 @@ def analyze(
     dtype=jnp.float32,
     layout: Layout | None = None,
     rounding: str = "stochastic",
+    offload: bool = False,
 ) -> dict:
-    """Per-device figures: with a layout, param_bytes is one device's share."""
-    lowered, params = lower(cfg, method, batch_size, seq_len, dtype, layout, rounding)
+    """Per-device figures: with a layout, param_bytes is one device's share; host_bytes what
+    the step keeps in host memory (the offloaded layer inputs)."""
+    lowered, params = lower(cfg, method, batch_size, seq_len, dtype, layout, rounding, offload)
     m = lowered.compile().memory_analysis()
     peak = (
         m.argument_size_in_bytes
@@ -237,12 +246,25 @@ def analyze(
         "output_bytes": m.output_size_in_bytes,
         "temp_bytes": m.temp_size_in_bytes,
         "alias_bytes": m.alias_size_in_bytes,
+        "host_bytes": _host_bytes(m),
+        "offload": offload,
+        "sequence_split": bool(layout and layout.sequence_split((batch_size, seq_len))),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "dtype": jnp.dtype(dtype).name,
         "rounding": rounding,
         "devices": layout.mesh.size if layout else 1,
     }
+
+
+def _host_bytes(m) -> int:
+    """Host memory a compiled program uses (arguments, outputs, temporaries, less aliased)."""
+    parts = ("argument", "output", "temp")
+    total = sum(getattr(m, f"host_{p}_size_in_bytes", 0) for p in parts)
+    return total - getattr(m, "host_alias_size_in_bytes", 0)
+
+
+OFFLOAD = ("off", "on", "auto")  # --offload-activations: auto = only when the step would not fit
 
 
 def plan(
@@ -253,14 +275,28 @@ def plan(
     dtype=jnp.float32,
     target: str = "cpu",
     devices: int = 1,
+    offload: str = "off",
+    mesh: str | None = None,
 ) -> dict:
-    """`analyze` on `devices` of `target`, with the memory one device offers and whether the
-    step fits in it."""
+    """`analyze` on `devices` of `target` (laid out as `mesh` says, default fsdp=devices), with
+    the memory one device offers and whether the step fits in it. `offload` (OFFLOAD): the
+    layer inputs in host memory, or not, or `auto`: only when the step does not fit without."""
+    if offload not in OFFLOAD:
+        raise PlanError(f"offload {offload!r}: choose from {', '.join(OFFLOAD)}")
     if batch_size * seq_len > MAX_TOKENS:
         raise PlanError(
             f"batch {batch_size} x {seq_len} is {batch_size * seq_len} tokens a step; at most "
             f"{MAX_TOKENS} (JAX indexes them with int32)"
         )
-    row = analyze(cfg, method, batch_size, seq_len, dtype, target_layout(target, devices))
+    layout = target_layout(target, devices, mesh)
     usable = device_memory(target, devices)
-    return {**row, "target": target, "device_bytes": usable, "fits": row["peak_bytes"] <= usable}
+
+    def one(on: bool) -> dict:
+        row = analyze(cfg, method, batch_size, seq_len, dtype, layout, offload=on)
+        fits = row["peak_bytes"] <= usable
+        return {**row, "target": target, "device_bytes": usable, "fits": fits}
+
+    row = one(offload == "on")
+    if offload == "auto" and not row["fits"] and method.startswith("fused-"):
+        row = one(True)
+    return row

@@ -24,6 +24,7 @@ Norms, softmax and logits are computed in float32 whatever the parameter dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -297,13 +298,15 @@ def decoder_layers(
     *,
     remat: bool = False,
     keep_inputs: bool = False,
+    store: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, Any]:
     """The stacked layers `p_layers` ([L, ...] leaves) over h_BTD, one `lax.scan` -> (the last
     layer's output, what each layer gives besides).
 
     With a `cache` (a KVCache of [L, ...] stacks, the new tokens at `index`) each layer reads and
     fills its slice and the second result is the new cache. `keep_inputs`: the second result is
-    every layer's input [L, B, T, D] (the fused engine's saved activations). `remat`: a layer's
+    every layer's input [L, B, T, D] (the fused engine's saved activations), each as `store`
+    gives it (`lomo_jax.offload.to_host`: in host memory). `remat`: a layer's
     activations are recomputed for `jax.grad` instead of kept (only the layer inputs are)."""
 
     def layer(p, h, kv):
@@ -315,7 +318,8 @@ def decoder_layers(
     def body(h, layer_slices):
         p, kv = layer_slices
         out, kv = layer(p, h, kv)
-        return out, (h if keep_inputs else kv)
+        kept = h if store is None else store(h)
+        return out, (kept if keep_inputs else kv)
 
     return jax.lax.scan(body, h_BTD, (p_layers, cache))
 

@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lomo_jax import attention
 from lomo_jax.attention import Mask
@@ -62,6 +62,11 @@ class SequenceSplit:
         if x is None:
             return None
         return jnp.take(x, self.token_order(x.shape[axis]), axis=axis)
+
+    def constrain(self, x: jax.Array) -> jax.Array:
+        """[B, T, ...] `x` in split order, laid out as split: each device its own tokens."""
+        spec = PartitionSpec(*self.spec(), *[None] * (x.ndim - 2))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def attend(self, q_BTHK, k_BTHK, v_BTHK, mask: Mask, impl, window, block_q, block_k):
         """`attention.attend` of split-order q, k, v (mask.segment_ids_BT in split order too):

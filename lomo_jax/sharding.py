@@ -5,6 +5,11 @@ A mesh has two named axes: `data` (splits the batch) and `fsdp` (splits the batc
 weight and optimizer factor, ZeRO-3 style: each device keeps 1/fsdp of each tensor and works
 one layer at a time inside the scan). A dimension that a mesh axis does not divide stays whole.
 
+A batch smaller than the mesh (one long sequence on 8 devices) is split along its length over
+`fsdp` instead (context parallelism, `lomo_jax.sequence_sharding`): without it every device would
+compute and keep the whole sequence. `--mesh fsdp=8,length=fsdp` forces the split,
+`length=none` never splits.
+
 Every matrix is split along its first axis that fsdp divides. Split along its last axis, a
 stacked weight got another memory layout for XLA's collectives, and XLA copied the whole stack
 inside the layer loop; a Megatron-style `tensor` axis (heads / MLP split on the output axis) hit
@@ -23,8 +28,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lomo_jax.errors import UserError
 from lomo_jax.parameters import BY_NAME, LAYERS, leaf_name
+from lomo_jax.sequence_sharding import SequenceSplit
 
 MESH_AXES = ("data", "fsdp")
+LENGTH = {"fsdp": True, "none": False}  # --mesh length=...: split every sequence, or none
 
 # Logical axis -> mesh axes it may be split over, in order of preference.
 RULES: dict[str, tuple[str, ...]] = {
@@ -45,17 +52,31 @@ class MeshError(UserError, ValueError):
     """A `--mesh` that does not parse or needs more devices than there are."""
 
 
+def _parts(spec: str | None) -> list[tuple[str, str]]:
+    parts = [p.partition("=") for p in (spec or "").replace(" ", "").split(",") if p]
+    return [(name, value) for name, _, value in parts]
+
+
+def parse_length(spec: str | None) -> bool | None:
+    """The `length=fsdp|none` part of a mesh spec: split every sequence over fsdp, never, or
+    (None, absent) when the batch does not fill the mesh."""
+    values = [value for name, value in _parts(spec) if name == "length"]
+    if values and values[-1] not in LENGTH:
+        raise MeshError(f"--mesh {spec!r}: length= takes {' or '.join(LENGTH)}")
+    return LENGTH[values[-1]] if values else None
+
+
 def parse_mesh(spec: str | None, n_devices: int) -> dict[str, int]:
     """'data=2,fsdp=4' -> axis sizes. data defaults to 1, fsdp to every device data leaves (so no
-    spec = all devices on fsdp)."""
+    spec = all devices on fsdp). A `length=` part (`parse_length`) is not an axis."""
     sizes: dict[str, int] = {}
-    for part in (spec or "").replace(" ", "").split(","):
-        if not part:
+    for name, value in _parts(spec):
+        if name == "length":
             continue
-        name, _, value = part.partition("=")
         if name not in MESH_AXES or not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise MeshError(
-                f"--mesh {spec!r}: expected comma-separated axis=size with axes {MESH_AXES}"
+                f"--mesh {spec!r}: expected comma-separated axis=size with axes {MESH_AXES} "
+                "(and length=fsdp|none)"
             )
         sizes[name] = int(value)
     sizes.setdefault("fsdp", max(1, n_devices // sizes.get("data", 1)))
@@ -86,9 +107,16 @@ def param_axes(name: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where every array of a training step lives on `mesh`."""
+    """Where every array of a training step lives on `mesh`; `sequence`: split the batch's
+    length over fsdp always (True), never (False), or when the batch does not fill the mesh."""
 
     mesh: Mesh
+    sequence: bool | None = None
+
+    @classmethod
+    def of(cls, spec: str | None = None, devices: list | None = None) -> Layout:
+        """The layout a `--mesh` spec asks for (`make_mesh`, `parse_length`)."""
+        return cls(make_mesh(spec, devices), parse_length(spec))
 
     def spec(self, axes: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec:
         """The partition spec for logical `axes`: each dimension takes the mesh axes its rule
@@ -148,8 +176,31 @@ class Layout:
 
         return jax.tree_util.tree_map_with_path(per_param, params)
 
-    def batch(self, shape: tuple[int, ...]) -> NamedSharding:
-        """[B, T, ...]: the batch over data and fsdp where they divide it."""
+    def sequence_split(self, shape: tuple[int, ...]) -> SequenceSplit | None:
+        """How a step of [B, T] batches splits each sequence over fsdp (None: it does not)."""
+        B, T = shape[:2]
+        data, fsdp = self.mesh.shape["data"], self.mesh.shape["fsdp"]
+        if fsdp == 1 or self.sequence is False:
+            return None
+        if self.sequence is None and B % (data * fsdp) == 0:  # the batch fills the mesh
+            return None
+        if T % (2 * fsdp):
+            if self.sequence:
+                raise MeshError(
+                    f"sequence length {T}: splitting it over fsdp={fsdp} (length=fsdp) needs a "
+                    f"multiple of {2 * fsdp}"
+                )
+            return None
+        return SequenceSplit(self.mesh, "data" if data > 1 and B % data == 0 else None)
+
+    def batch(self, shape: tuple[int, ...], sequence: bool = True) -> NamedSharding:
+        """[B, T, ...]: the batch over data and fsdp where they divide it; or, for a step that
+        splits its sequences (`sequence_split`), the length over fsdp (in sequence order: the
+        step puts it in its split order)."""
+        split = self.sequence_split(shape) if sequence else None
+        if split is not None:
+            rest = [None] * (len(shape) - 2)
+            return NamedSharding(self.mesh, PartitionSpec(*split.spec(), *rest))
         return self.sharding(("batch", "length", *["norm"] * (len(shape) - 2)), shape)
 
     def replicated(self) -> NamedSharding:
@@ -167,9 +218,12 @@ class Layout:
 
         return jax.tree.map(one, tree)
 
-    def put_batch(self, batch: Any) -> Any:
-        """A tuple of host [B, T, ...] arrays (None kept) as global arrays split over the batch."""
-        return type(batch)(*(None if a is None else put(a, self.batch(a.shape)) for a in batch))
+    def put_batch(self, batch: Any, sequence: bool = True) -> Any:
+        """A tuple of host [B, T, ...] arrays (None kept) as global arrays laid out as `batch`
+        says (`sequence=False`: never split along the length, as a plain forward wants)."""
+        return type(batch)(
+            *(None if a is None else put(a, self.batch(a.shape, sequence)) for a in batch)
+        )
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

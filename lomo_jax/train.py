@@ -51,7 +51,7 @@ from lomo_jax.rundir import (
     step_of,
 )
 from lomo_jax.schedule import SCHEDULES
-from lomo_jax.sharding import Layout, MeshError, make_mesh
+from lomo_jax.sharding import Layout, MeshError
 from lomo_jax.state import NonFiniteError, TrainState
 from lomo_jax.tokenizer import CHAT_TEMPLATE_FILE
 from lomo_jax.train_step import DTYPES, OPTIMIZERS, StepOptions, abstract_state, make_train_step
@@ -180,6 +180,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     mesh: str | None = None  # e.g. "fsdp=8", "data=2,fsdp=4"; default: every device on fsdp
     from_checkpoint: str | None = None  # a new run from another run's checkpoint (`resume`)
+    offload_activations: bool = False  # the fused step's saved layer inputs in host memory
 
     def __post_init__(self):
         """Every value checked before anything is written (files are checked by `train`)."""
@@ -234,6 +235,7 @@ class TrainConfig:
             rounding=self.rounding,
             seed=self.seed,
             micro_batches=self.gradient_accumulation_steps,
+            offload_activations=self.offload_activations,
         )
 
     @property
@@ -406,12 +408,15 @@ def train(
                 "steps", f"{c.steps} is below the step of its --from-checkpoint {origin}"
             )
         try:
-            layout = Layout(make_mesh(c.mesh))
+            layout = Layout.of(c.mesh)
+            split = layout.sequence_split((c.batch_size, c.seq_len))
         except MeshError as e:
             raise ConfigError(str(e)) from None
         log.info("mesh %s over %d process(es)", dict(layout.mesh.shape), jax.process_count())
         splits = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-        if c.batch_size % splits:
+        if split is not None:
+            log.info("each sequence split over fsdp=%d (length=fsdp)", split.shards)
+        elif c.batch_size % splits:
             log.warning(
                 "batch size %d is not a multiple of data x fsdp = %d: devices will repeat "
                 "each other's rows (correct, but wasted work)",

@@ -45,6 +45,8 @@ class StepOptions:
     loss_scaling: float16's dynamic loss scaling (an overflow skips the step).
     rounding, seed: how a fused update rounds 16-bit weights (`lomo_jax.rounding`).
     micro_batches: `sgd` / `adamw` only: the gradient summed over this many slices of the batch.
+    offload_activations: fused only: the saved layer inputs wait in host memory
+        (`lomo_jax.offload`).
     """
 
     optimizer: str = "adalomo"
@@ -59,6 +61,7 @@ class StepOptions:
     rounding: str = "stochastic"
     seed: int = 0
     micro_batches: int = 1
+    offload_activations: bool = False
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -67,6 +70,8 @@ class StepOptions:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose from {ROUNDINGS}")
         if self.micro_batches != 1 and self.optimizer in FUSED:
             raise ValueError(f"{self.optimizer} keeps no gradient to accumulate over micro-batches")
+        if self.offload_activations and self.optimizer not in FUSED:
+            raise ValueError(f"{self.optimizer}: only the fused step offloads its layer inputs")
 
     @property
     def fused(self) -> bool:
@@ -103,7 +108,16 @@ def make_train_step(
         init = functools.partial(
             init_train_state, rule, float16=scaler is not None, loss_scale=scaler, layout=layout
         )
-        step = make_fused_step(cfg, rule, schedule, scaler, layout, options.rounding, options.seed)
+        step = make_fused_step(
+            cfg,
+            rule,
+            schedule,
+            scaler,
+            layout,
+            options.rounding,
+            options.seed,
+            options.offload_activations,
+        )
         return TrainStep(init, step)
     tx = optax_transform(
         options.optimizer,

@@ -15,6 +15,7 @@ from jax.sharding import AbstractMesh
 from lomo_jax import attention
 from lomo_jax.attention import Mask
 from lomo_jax.sequence_sharding import SequenceSplit
+from tests.conftest import CONFIGS, random_ids
 from tests.test_scale_out import REPO, TIMEOUT, _env
 
 # name: (batch, length, heads, kv heads, packed segments, window, split the batch over data=2)
@@ -125,3 +126,126 @@ def test_split_order_gives_every_device_the_same_causal_blocks(shards):
     ]
     assert len(set(per_device)) == 1
     assert sum(per_device) == pairs(0, T)
+
+
+# name: (mesh spec, batch, optimizer options): the split chosen (B < devices) or forced.
+STEPS = {
+    "fsdp=8": ("fsdp=8", 1, {"weight_decay": 0.01}),
+    "fsdp=8-clipped": ("fsdp=8", 1, {"clip_grad_norm": 0.5}),
+    "data=2,fsdp=4,length=fsdp": ("data=2,fsdp=4,length=fsdp", 4, {"weight_decay": 0.01}),
+}
+STEP_CFG = CONFIGS["gqa"].replace(attention="blockwise", attention_block=8)
+STEP_LEN = 128
+
+
+def _step_batch(batch: int):
+    """Packed rows: three documents in the first (positions restart), padding ending the last,
+    the padding's labels ignored."""
+    from lomo_jax.loss import IGNORE, Batch
+
+    ids = random_ids(STEP_CFG, batch, STEP_LEN, seed=5)
+    segs = np.ones_like(ids)
+    segs[0, 20:], segs[0, 41:] = 2, 3
+    segs[-1, STEP_LEN - 9 :] = 0
+    positions = np.zeros_like(ids)
+    for b in range(batch):
+        starts = np.r_[0, np.flatnonzero(np.diff(segs[b])) + 1]
+        for a, e in zip(starts, [*starts[1:], STEP_LEN]):
+            positions[b, a:e] = np.arange(e - a)
+    labels = np.where(segs > 0, ids, IGNORE).astype(np.int32)
+    return Batch(ids, labels, segs, positions)
+
+
+def _fused_steps(mesh: str | None, batch: int, options: dict) -> dict:
+    """Two fused AdaLomo float32 steps on `mesh` (None: one device): the losses, each step's
+    updates and the optimizer state after them."""
+    import lomo_jax
+    from lomo_jax.sharding import Layout, put
+    from lomo_jax.train_step import StepOptions, make_train_step
+
+    layout = Layout.of(mesh) if mesh else Layout.of("fsdp=1", jax.devices()[:1])
+    step = make_train_step(StepOptions("adalomo", lr=0.01, **options), STEP_CFG, layout)
+    params = lomo_jax.init_params(STEP_CFG, jax.random.key(1))
+    state = layout.on_mesh(step.init(put(params, layout.params(params))))
+    b = _step_batch(batch)
+
+    def named(tree) -> dict:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+    out = {}
+    for n in range(2):
+        old = named(state.params)
+        state, metrics = step.step(state, layout.put_batch(b))
+        out[f"loss{n}"] = np.asarray(metrics["loss"])
+        new = named(state.params)
+        out |= {f"update{n}/{k}": x - old[k] for k, x in new.items()}
+        out |= {f"weights{n}/{k}": x for k, x in new.items()}
+    return out | {f"state/{k}": x for k, x in named(state.opt_state).items()}
+
+
+def _split_steps(results: str) -> None:
+    """(Runs on 8 devices.) Every STEPS case, the split it takes checked first."""
+    from lomo_jax.sharding import Layout
+
+    out = {}
+    for name, (mesh, batch, options) in STEPS.items():
+        split = Layout.of(mesh).sequence_split((batch, STEP_LEN))
+        assert split is not None and split.shards == (4 if "data" in mesh else 8), name
+        out |= {f"{name}/{k}": v for k, v in _fused_steps(mesh, batch, options).items()}
+    np.savez(results, **out)
+
+
+@pytest.fixture(scope="module")
+def steps_on_8_devices(tmp_path_factory):
+    results = str(tmp_path_factory.mktemp("sequence") / "steps.npz")
+    script = f"from tests.test_sequence_sharding import _split_steps\n_split_steps({results!r})\n"
+    subprocess.run(
+        [sys.executable, "-c", script], env=_env(8), check=True, timeout=TIMEOUT, cwd=REPO
+    )
+    return dict(np.load(results))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(STEPS))
+def test_fused_step_with_the_sequence_split_equals_one_device(steps_on_8_devices, case):
+    """float32: the loss, the weights, every update and the AdaLomo state within 1e-5 (relative
+    to the largest element of each tensor) of the unsplit step on one device. An update is read
+    as new weights - old, which float32 resolves only to an ulp of the weight: its bound is at
+    least 4 ulps of the largest weight (a norm weight near 1 moving by 0.01: 1.2e-7 an ulp)."""
+    _, batch, options = STEPS[case]
+    one = _fused_steps(None, batch, options)
+    for key, want in one.items():
+        got = steps_on_8_devices[f"{case}/{key}"]
+        bound = 1e-5 * float(np.max(np.abs(want)))
+        if key.startswith("update"):
+            weights = one[key.replace("update", "weights", 1)]
+            bound = max(bound, 4 * np.finfo(np.float32).eps * float(np.max(np.abs(weights))))
+        assert np.max(np.abs(got - want)) <= bound, (key, np.max(np.abs(got - want)), bound)
+    moved = [k for k, v in one.items() if k.startswith("update1/") and np.any(v != 0)]
+    assert len(moved) == sum(k.startswith("update1/") for k in one), "every tensor must move"
+
+
+def test_the_split_is_chosen_when_the_batch_does_not_fill_the_mesh():
+    from lomo_jax.sharding import Layout, MeshError, parse_length, parse_mesh
+
+    assert parse_mesh("fsdp=8,length=fsdp", 8) == {"data": 1, "fsdp": 8}
+    assert [parse_length(s) for s in ("fsdp=8", "length=fsdp", "data=2,length=none")] == [
+        None,
+        True,
+        False,
+    ]
+    with pytest.raises(MeshError, match="length= takes"):
+        parse_length("length=data")
+    auto = Layout(AbstractMesh((1, 8), ("data", "fsdp")))
+    assert auto.sequence_split((1, 1024)).spec() == jax.sharding.PartitionSpec(None, "fsdp")
+    assert auto.sequence_split((4, 1024)) is not None  # 4 rows on 8 devices: split too
+    assert auto.sequence_split((8, 1024)) is None  # the batch fills the mesh
+    assert auto.sequence_split((1, 1000)) is None  # not 16 equal chunks: left whole
+    forced = Layout(AbstractMesh((2, 4), ("data", "fsdp")), sequence=True)
+    assert forced.sequence_split((8, 1024)).spec() == jax.sharding.PartitionSpec("data", "fsdp")
+    with pytest.raises(MeshError, match="multiple of 8"):
+        forced.sequence_split((8, 1020))
+    never = Layout(AbstractMesh((1, 8), ("data", "fsdp")), sequence=False)
+    assert never.sequence_split((1, 1024)) is None
+    assert Layout(AbstractMesh((8, 1), ("data", "fsdp"))).sequence_split((1, 1024)) is None
