@@ -238,6 +238,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="auto, dense, blockwise or cudnn (dense: every score a GEMM counted exactly; the "
+        "blockwise kernel's key loops have data-dependent bounds, counted once)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--hlo", type=Path, help="also write the optimized HLO text here")
     a = p.parse_args()
@@ -252,7 +258,7 @@ def main() -> None:
     from lomo_jax.memory import lower, target_layout
     from lomo_jax.presets import preset
 
-    cfg = preset(a.model)
+    cfg = preset(a.model).replace(attention=a.attention)
     layout = target_layout(a.target, a.devices)
     lowered, params = lower(cfg, a.method, a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout)
     text = lowered.compile().as_text()

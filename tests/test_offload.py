@@ -52,17 +52,17 @@ def test_only_fused_steps_offload():
 
 @needs_cuda_plugin
 def test_h100_plan_moves_the_layer_inputs_to_the_host():
-    """bfloat16 AdaLomo, 1 x 8192 tokens of a 6-layer model: offloaded, the host holds every
-    layer's input, and the device peak falls by all but the two being fetched (and one more
-    for what else moves)."""
+    """bfloat16 AdaLomo, 1 x 8192 tokens of a 16-layer model: offloaded, the host holds every
+    layer's input, and the device peak falls by all of them but a few (the two layers' inputs
+    of the double buffer, and the buffers of the copies in flight)."""
     cfg = CFG.replace(
-        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=6
+        hidden_size=256, intermediate_size=512, num_attention_heads=4, num_hidden_layers=16
     )
     layer_inputs = 1 * 8192 * cfg.hidden_size * 2  # bytes of one layer's input
     plain = plan(cfg, "fused-adalomo", 1, 8192, jnp.bfloat16, "h100")
     moved = plan(cfg, "fused-adalomo", 1, 8192, jnp.bfloat16, "h100", offload="on")
     assert plain["host_bytes"] == 0 and not plain["offload"] and moved["offload"]
     assert moved["host_bytes"] >= cfg.num_hidden_layers * layer_inputs
-    assert plain["peak_bytes"] - moved["peak_bytes"] >= (cfg.num_hidden_layers - 3) * layer_inputs
+    assert plain["peak_bytes"] - moved["peak_bytes"] >= (cfg.num_hidden_layers - 6) * layer_inputs
     # auto: offloaded only when the step does not fit without
     assert not plan(cfg, "fused-adalomo", 1, 8192, jnp.bfloat16, "h100", offload="auto")["offload"]
