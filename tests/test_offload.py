@@ -30,6 +30,7 @@ def _steps(offload: bool, dtype, options: dict) -> list[np.ndarray]:
     return losses + [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("dtype", "options"),
     [
@@ -50,6 +51,7 @@ def test_only_fused_steps_offload():
         StepOptions(optimizer="adamw", offload_activations=True)
 
 
+@pytest.mark.slow
 @needs_cuda_plugin
 def test_h100_plan_moves_the_layer_inputs_to_the_host():
     """bfloat16 AdaLomo, 1 x 8192 tokens of a 16-layer model: offloaded, the host holds every
