@@ -212,12 +212,12 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
         jax.config.update("jax_num_cpu_devices", a.devices)
     method = f"fused-{a.optimizer}" if a.optimizer in ("lomo", "adalomo") else a.optimizer
-    on = (method, a.batch_size, DTYPES[a.dtype], a.target, a.devices)
-    how = {"offload": a.offload_activations, "mesh": a.mesh}
+    on = {"dtype": DTYPES[a.dtype], "target": a.target, "devices": a.devices}
+    on |= {"offload": a.offload_activations, "mesh": a.mesh}
     if a.max_seq_len is None:
-        row = plan(cfg, method, a.batch_size, a.seq_len, *on[2:], **how)
+        row = plan(cfg, method, a.batch_size, a.seq_len, **on)
     else:
-        row = max_seq_len(cfg, *on, limit=a.max_seq_len or None, **how)
+        row = max_seq_len(cfg, method, a.batch_size, a.max_seq_len or None, **on)
     if a.json:
         print(json.dumps(row))
         return

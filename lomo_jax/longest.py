@@ -73,28 +73,23 @@ def _lengths(peaks: dict[int, int], step: int) -> dict[int, int]:
 
 
 def max_seq_len(
-    cfg: LlamaConfig,
-    method: str,
-    batch_size: int,
-    dtype=jnp.bfloat16,
-    target: str = "cpu",
-    devices: int = 1,
-    limit: int | None = None,
-    offload: str = "off",
-    mesh: str | None = None,
+    cfg: LlamaConfig, method: str, batch_size: int, limit: int | None = None, **on
 ) -> dict:
     """`memory.plan` of the longest sequence (a multiple of STEP, at most `limit`, by default the
-    model's context; a limit below STEP is the only length) that fits one device of `target`,
+    model's context; a limit below STEP is the only length) that fits one device of the target,
     plus "max_seq_len" (0 when not even the shortest fits: then the plan is the shortest's),
-    "limit" and "peaks" (every length compiled -> its peak). `offload`, `mesh`: `memory.plan`'s."""
+    "limit" and "peaks" (every length compiled -> its peak). `on`: `memory.plan`'s dtype,
+    target, devices, offload and mesh (by default bfloat16, this CPU)."""
+    on = {"dtype": jnp.bfloat16, **on}
     rows: dict[int, dict] = {}
 
     def peak_at(length: int) -> int:
-        rows[length] = plan(cfg, method, batch_size, length, dtype, target, devices, offload, mesh)
+        rows[length] = plan(cfg, method, batch_size, length, **on)
         log.info("%d tokens: peak %.2f GiB", length, rows[length]["peak_bytes"] / 2**30)
         return rows[length]["peak_bytes"]
 
     limit = limit or cfg.max_position_embeddings
-    found = search(peak_at, device_memory(target, devices), limit, min(STEP, limit))
+    budget = device_memory(on.get("target", "cpu"), on.get("devices", 1))
+    found = search(peak_at, budget, limit, min(STEP, limit))
     row = rows[found.longest or min(rows)]
     return {**row, "max_seq_len": found.longest, "limit": limit, "peaks": found.peaks}
