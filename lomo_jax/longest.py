@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 
 from lomo_jax.config import LlamaConfig
-from lomo_jax.memory import device_memory, plan
+from lomo_jax.memory import MAX_TOKENS, device_memory, plan
 
 log = logging.getLogger("lomo_jax")
 
@@ -76,10 +76,11 @@ def max_seq_len(
     cfg: LlamaConfig, method: str, batch_size: int, limit: int | None = None, **on
 ) -> dict:
     """`memory.plan` of the longest sequence (a multiple of STEP, at most `limit`, by default the
-    model's context; a limit below STEP is the only length) that fits one device of the target,
-    plus "max_seq_len" (0 when not even the shortest fits: then the plan is the shortest's),
-    "limit" and "peaks" (every length compiled -> its peak). `on`: `memory.plan`'s dtype,
-    target, devices, offload and mesh (by default bfloat16, this CPU)."""
+    model's context, and at most memory.MAX_TOKENS a step; a limit below STEP is the only length)
+    that fits one device of the target, plus "max_seq_len" (0 when not even the shortest fits:
+    then the plan is the shortest's), "limit" and "peaks" (every length compiled -> its peak).
+    `on`: `memory.plan`'s dtype, target, devices, offload and mesh (by default bfloat16, this
+    CPU)."""
     on = {"dtype": jnp.bfloat16, **on}
     rows: dict[int, dict] = {}
 
@@ -88,7 +89,7 @@ def max_seq_len(
         log.info("%d tokens: peak %.2f GiB", length, rows[length]["peak_bytes"] / 2**30)
         return rows[length]["peak_bytes"]
 
-    limit = limit or cfg.max_position_embeddings
+    limit = min(limit or cfg.max_position_embeddings, MAX_TOKENS // batch_size)  # int32 tokens
     budget = device_memory(on.get("target", "cpu"), on.get("devices", 1))
     found = search(peak_at, budget, limit, min(STEP, limit))
     row = rows[found.longest or min(rows)]
