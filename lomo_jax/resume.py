@@ -5,8 +5,9 @@ run's (`FIXED`: the model and its tokenizer, the weights' dtype, the optimizer; 
 it began from, if another run's). Everything else
 says how the run goes on and may change when it resumes, given as flags or in a `--config` file
 alike: the steps and the learning-rate schedule, validation and checkpoint cadence, the data of a
-continued run, batch and sequence length, seed, rounding, the mesh. A change of a fixed option is
-refused with one line before anything is read or written; the changes taken are logged.
+continued run, batch and sequence length, seed, rounding, the mesh, host offload. A change of a
+fixed option is refused with one line before anything is read or written; the changes taken are
+logged.
 
 A run stays in its directory: going back to an earlier step is a new run started from one of its
 checkpoints (`--from-checkpoint`), never a rewrite of its history.
