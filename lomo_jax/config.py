@@ -12,6 +12,7 @@ from typing import Any
 from lomo_jax.attention import BLOCK, IMPLEMENTATIONS
 from lomo_jax.blocks import BLOCK_BYTES
 from lomo_jax.parameters import params_of
+from lomo_jax.token_blocks import TOKEN_BLOCK_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ _FAMILY_FIELDS = {"attention_bias": False, "mlp_bias": False, "sliding_window": 
 # Sizes: positive integers (None where derived or absent).
 _SIZES = (*_DIMENSIONS, "head_dim", "max_position_embeddings", "sliding_window")
 # This library's own settings: positive integers.
-_TUNING = ("attention_block", "block_bytes")
+_TUNING = ("attention_block", "block_bytes", "token_block_bytes")
 
 
 def _is_int(x: Any) -> bool:
@@ -160,6 +161,9 @@ class LlamaConfig:
     # Bytes of float32 intermediates one block may hold where a loop walks an axis in blocks
     # (lomo_jax.blocks): the head's vocabulary pieces, the embedding gradient's columns.
     block_bytes: int = BLOCK_BYTES
+    # Bytes of one block of tokens' float32 MLP intermediates (model.mlp_tokens): long sequences
+    # run their MLP block a block of tokens at a time.
+    token_block_bytes: int = TOKEN_BLOCK_BYTES
 
     def __post_init__(self):
         _check_types(self)

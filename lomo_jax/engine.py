@@ -50,7 +50,7 @@ from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads, next_token_targets
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
-from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_stage
+from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_stage, mlp_tokens
 from lomo_jax.optim import (
     StepScalars,
     UpdateRule,
@@ -115,8 +115,13 @@ def _embedding_grad(
     sorted_N = ids_N[order_N]
     first_N = jnp.concatenate([jnp.ones(1, bool), sorted_N[1:] != sorted_N[:-1]])
     segment_N = jnp.cumsum(first_N) - 1
-    sums_ND = jax.ops.segment_sum(
-        dh_BTD.reshape(n, D)[order_N].astype(jnp.float32), segment_N, num_segments=n
+    # The zeros are made after dh (XLA would schedule a broadcast first, before the reverse
+    # scan, and keep this [n, D] and the [V, D] table of zeros alive through all of it).
+    zeros = lambda shape, dtype: _depends_on(jnp.zeros(shape, dtype), dh_BTD)  # noqa: E731
+    sums_ND = (
+        zeros((n, D), jnp.float32)
+        .at[segment_N]
+        .add(dh_BTD.reshape(n, D)[order_N].astype(jnp.float32))
     )
     # Row of each segment; the segments past the last id keep V, out of range (dropped).
     rows_N = jnp.full(n, V, ids_N.dtype).at[segment_N].set(sorted_N)
@@ -128,7 +133,7 @@ def _embedding_grad(
         keep = jnp.where(blocks.own(j, bd, D), new.astype(g.dtype), old)
         return blocks.put(g, keep, j, 1), None
 
-    g = jnp.zeros(table.shape, table.dtype) if g_head is None else g_head
+    g = zeros(table.shape, table.dtype) if g_head is None else g_head
     return jax.lax.scan(fill, g, jnp.arange(nb))[0]
 
 
@@ -196,22 +201,70 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
         for name in block:
             xs = layer_stage(cfg, name, positions, mask)(unflatten_dict(weights(name, h_i)), xs)
         inputs.append(xs)
+
+    def constrain(g):  # sharded: each gradient onto its weight's shards (XLA reduce-scatters)
+        return g if rev.layout is None else jax.lax.with_sharding_constraint(g, rev.layout.layer(g))
+
+    def take(acc, p, g, dxs):
+        # dxs reads every weight of the stage (the in-place writes must come after the reads),
+        # and the stages below wait for this one's update: its gradients die here.
+        acc, done = consume(acc, i, p, _depends_on(flatten_dict(constrain(g)), dxs))
+        return acc, _depends_on(dxs, done)
+
+    tokens = mlp_tokens(cfg, *h_i.shape[:2], mask)
     dxs = (dh,)
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
+        if block == LAYER_BLOCKS[-1] and tokens.n >= MIN_TOKEN_BLOCKS:  # a long sequence's MLP
+            ps = [weights(name, dxs) for name in block]
+            sums, dxs = _vjp_in_tokens(cfg, block, ps, xs, dxs, tokens, constrain)
+            for p, g in reversed(list(zip(ps, sums))):  # each sum rounded as its turn comes
+                g = jax.tree.map(lambda g, w: g.astype(w.dtype), g, unflatten_dict(p))
+                acc, dxs = take(acc, p, g, dxs)
+            continue
         for name in block:
             p = weights(name, dxs)
             xs, vjp = jax.vjp(layer_stage(cfg, name, positions, mask), unflatten_dict(p), xs)
             tape.append((p, vjp))
         for p, vjp in reversed(tape):
             g, dxs = vjp(dxs)
-            if rev.layout is not None:
-                g = jax.lax.with_sharding_constraint(g, rev.layout.layer(g))
-            # dxs reads every weight of the stage (the in-place writes must come after the
-            # reads), and the stages below wait for this one's update: its gradients die here.
-            acc, done = consume(acc, i, p, _depends_on(flatten_dict(g), dxs))
-            dxs = _depends_on(dxs, done)
+            acc, dxs = take(acc, p, g, dxs)
     return acc, dxs[0]
+
+
+# The backward runs a layer's MLP in blocks of tokens (model.mlp_tokens) only from this many
+# blocks on: the blocks' gradients are summed in float32, three [in, out] float32 sums at once,
+# which outweigh the intermediates two or three blocks would save (README, Long context: the
+# plans that chose it).
+MIN_TOKEN_BLOCKS = 4
+
+
+def _vjp_in_tokens(cfg: LlamaConfig, block, ps: list, xs: tuple, dys: tuple, tokens, constrain):
+    """The vjp of a per-token block of stages (the MLP's: `model.mlp_tokens`) one block of tokens
+    at a time -> (each stage's weight gradients in float32, the inputs' cotangents). A weight's
+    gradient is the sum of the blocks' (each in the weights' dtype, as its vjp gives it) in
+    float32; a block's tokens an earlier block had (the last block overlaps) get a zero
+    cotangent, so every token counts once."""
+
+    def stages(ps, xs):
+        for name, p in zip(block, ps):
+            xs = layer_stage(cfg, name, None, None)(p, xs)
+        return xs
+
+    ps = [unflatten_dict(p) for p in ps]
+
+    def body(carry, j):
+        sums, dxs = carry
+        dys_j = tuple(jnp.where(tokens.own(j, y.ndim), tokens.take(y, j), 0) for y in dys)
+        _, vjp = jax.vjp(stages, ps, tuple(tokens.take(x, j) for x in xs))
+        gs, dxs_j = vjp(dys_j)
+        gs = [constrain(g) for g in gs]
+        sums = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), sums, gs)
+        return (sums, tuple(tokens.put(d, d_j, j) for d, d_j in zip(dxs, dxs_j))), None
+
+    zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), ps)
+    init = ([constrain(z) for z in zeros], tuple(jnp.zeros_like(x) for x in xs))
+    return jax.lax.scan(body, init, jnp.arange(tokens.n))[0]
 
 
 def _index_after(i: jax.Array, deps) -> jax.Array:

@@ -35,6 +35,7 @@ import numpy as np
 from lomo_jax import attention, compiler
 from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
+from lomo_jax.token_blocks import TokenBlocks, map_tokens
 
 Params = dict[str, Any]
 
@@ -210,7 +211,7 @@ class DecoderLayer(nn.Module):
     def mlp_out(self, h_BTD, gate_BTF, up_BTF, positions_BT, mask):
         return (h_BTD + self.mlp.contract(gate_BTF, up_BTF),)
 
-    def __call__(self, h_BTD, positions_BT, mask, cache=None, index=None):
+    def attention_block(self, h_BTD, positions_BT, mask, cache=None, index=None):
         ctx = (positions_BT, mask)
         h_BTD, q, k, v = self.attention_in(*self.attention_norm(h_BTD, *ctx), *ctx)
         if cache is not None:
@@ -218,8 +219,15 @@ class DecoderLayer(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache.v_BSHK, v, index, axis=1)
             cache = KVCache(k, v)
         (h_BTD,) = self.attention_out(h_BTD, q, k, v, *ctx)
-        (h_BTD,) = self.mlp_out(*self.mlp_in(*self.mlp_norm(h_BTD, *ctx), *ctx), *ctx)
         return h_BTD, cache
+
+    def mlp_block(self, h_BTD, positions_BT, mask):
+        ctx = (positions_BT, mask)
+        return self.mlp_out(*self.mlp_in(*self.mlp_norm(h_BTD, *ctx), *ctx), *ctx)[0]
+
+    def __call__(self, h_BTD, positions_BT, mask, cache=None, index=None):
+        h_BTD, cache = self.attention_block(h_BTD, positions_BT, mask, cache, index)
+        return self.mlp_block(h_BTD, positions_BT, mask), cache
 
 
 # The decoder layer as two blocks of stages. A stage is a method of DecoderLayer mapping the
@@ -234,12 +242,31 @@ LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask: Mask):
-    """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
+def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array | None, mask: Mask | None):
+    """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs.
+    The MLP's stages work token by token and read neither `positions_BT` nor `mask`."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
         {"params": p}, *xs, positions_BT, mask, method=method
     )
+
+
+def mlp_tokens(cfg: LlamaConfig, batch: int, length: int, mask: Mask) -> TokenBlocks:
+    """The blocks of tokens the MLP block runs in: each block's float32 [batch, tokens,
+    intermediate] within `cfg.token_block_bytes` (one block up to Llama-3-8B's 4681 tokens), so
+    a long sequence's [T, intermediate] gate and up projections never exist whole. A split
+    sequence is blocked within each device's own tokens."""
+    shards = 1 if mask.split is None else mask.split.shards
+    cap = cfg.token_block_bytes // (4 * batch * cfg.intermediate_size)
+    return TokenBlocks.of(length, cap, shards)
+
+
+def mlp_block(cfg: LlamaConfig, p_layer: Params, h_BTD: jax.Array, mask: Mask) -> jax.Array:
+    """One layer's MLP block (norm, SwiGLU, residual), in the blocks of tokens of `mlp_tokens`."""
+    f = lambda h: DecoderLayer(cfg).apply(  # noqa: E731
+        {"params": p_layer}, h, None, None, method=DecoderLayer.mlp_block
+    )
+    return map_tokens(f, h_BTD, mlp_tokens(cfg, *h_BTD.shape[:2], mask))
 
 
 # ---- the pure pieces ------------------------------------------------------------------------
@@ -255,7 +282,22 @@ def decoder_layer(
     mask: Mask,
 ) -> jax.Array:
     """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
-    return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask)[0]
+    return _layer(cfg, p_layer, h_BTD, positions_BT, mask)[0]
+
+
+def _layer(cfg, p_layer, h_BTD, positions_BT, mask, cache=None, index=None):
+    """decoder_layer with an optional KV cache -> (output, the cache): attention, then the MLP
+    in blocks of tokens."""
+    h_BTD, cache = DecoderLayer(cfg).apply(
+        {"params": p_layer},
+        h_BTD,
+        positions_BT,
+        mask,
+        cache,
+        index,
+        method=DecoderLayer.attention_block,
+    )
+    return mlp_block(cfg, p_layer, h_BTD, mask), cache
 
 
 def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
@@ -310,7 +352,7 @@ def decoder_layers(
     activations are recomputed for `jax.grad` instead of kept (only the layer inputs are)."""
 
     def layer(p, h, kv):
-        return DecoderLayer(cfg).apply({"params": p}, h, positions_BT, mask, kv, index)
+        return _layer(cfg, p, h, positions_BT, mask, kv, index)
 
     if remat:
         layer = jax.checkpoint(layer)

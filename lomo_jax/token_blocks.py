@@ -18,6 +18,11 @@ import jax.numpy as jnp
 
 from lomo_jax import blocks
 
+# Bytes of one block of tokens' float32 per-token intermediates: Llama-3-8B's MLP runs 4681
+# tokens at a time (its [tokens, 14336] float32 gate is 256 MiB), so short sequences, up to the
+# lengths models are mostly trained at, are one block.
+TOKEN_BLOCK_BYTES = 256 * 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenBlocks:

@@ -60,17 +60,23 @@ def assert_trees_close(ours, ref, rtol):
         assert rel_err(a, b) <= rtol, (jax.tree_util.keystr(path), rel_err(a, b))
 
 
+def in_token_blocks(cfg, tokens: int, batch: int = 2):
+    """`cfg` whose MLP runs at most `tokens` tokens of `batch` rows at a time (model.mlp_tokens;
+    the batches here, 24 tokens in blocks of 5, end in a block that overlaps the one before)."""
+    return cfg.replace(token_block_bytes=4 * batch * cfg.intermediate_size * tokens)
+
+
 @pytest.mark.parametrize(
-    ("clip", "cfg_name"),
+    ("clip", "cfg"),
     [
-        pytest.param(None, "gqa", id="no-clip-gqa", marks=pytest.mark.slow),
-        pytest.param(0.5, "gqa", id="norm-clip-gqa"),
-        pytest.param(None, "mha-tied", id="no-clip-mha-tied", marks=pytest.mark.slow),
-        pytest.param(0.5, "mha-tied", id="norm-clip-mha-tied", marks=pytest.mark.slow),
+        pytest.param(None, CONFIGS["gqa"], id="no-clip-gqa", marks=pytest.mark.slow),
+        pytest.param(0.5, CONFIGS["gqa"], id="norm-clip-gqa"),
+        pytest.param(0.5, in_token_blocks(CONFIGS["gqa"], 5), id="norm-clip-gqa-token-blocks"),
+        pytest.param(None, CONFIGS["mha-tied"], id="no-clip-mha-tied", marks=pytest.mark.slow),
+        pytest.param(0.5, CONFIGS["mha-tied"], id="norm-clip-mha-tied", marks=pytest.mark.slow),
     ],
 )
-def test_fused_lomo_equals_jax_grad_sgd(clip, cfg_name):
-    cfg = CONFIGS[cfg_name]
+def test_fused_lomo_equals_jax_grad_sgd(clip, cfg):
     params = lomo_jax.init_params(cfg, jax.random.key(0))
     ids_list = batches(cfg, 3)
     state, _ = run_fused(cfg, params, Lomo(clip_grad_norm=clip), ids_list, lr=0.05)
@@ -88,10 +94,15 @@ def test_fused_lomo_equals_jax_grad_sgd(clip, cfg_name):
     assert_trees_close(state.params, ref, rtol=1e-6)
 
 
-def test_fused_step_equals_the_same_rule_driven_by_jax_grad():
+@pytest.mark.parametrize(
+    "cfg",
+    [CONFIGS["mha-tied"], in_token_blocks(CONFIGS["mha-tied"], 5)],
+    ids=["mha-tied", "mha-tied-token-blocks"],
+)
+def test_fused_step_equals_the_same_rule_driven_by_jax_grad(cfg):
     """optim.apply_updates on a full jax.grad tree (vmapped over the layer axis) is the fused
-    step's reference for AdaLomo with weight decay and norm clipping."""
-    cfg = CONFIGS["mha-tied"]
+    step's reference for AdaLomo with weight decay and norm clipping; also with the MLP in
+    blocks of tokens (its gradients summed over the blocks)."""
     params = lomo_jax.init_params(cfg, jax.random.key(5))
     rule = AdaLomo(weight_decay=0.1, clip_grad_norm=0.5)
     ids_list = batches(cfg, 3, seed=30)

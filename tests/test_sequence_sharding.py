@@ -128,13 +128,17 @@ def test_split_order_gives_every_device_the_same_causal_blocks(shards):
     assert sum(per_device) == pairs(0, T)
 
 
-# name: (mesh spec, batch, optimizer options): the split chosen (B < devices) or forced.
-STEPS = {
-    "fsdp=8": ("fsdp=8", 1, {"weight_decay": 0.01}),
-    "fsdp=8-clipped": ("fsdp=8", 1, {"clip_grad_norm": 0.5}),
-    "data=2,fsdp=4,length=fsdp": ("data=2,fsdp=4,length=fsdp", 4, {"weight_decay": 0.01}),
-}
 STEP_CFG = CONFIGS["gqa"].replace(attention="blockwise", attention_block=8)
+# The MLP in blocks of 3 of each device's 16 tokens (model.mlp_tokens), the last overlapping.
+TOKEN_BLOCKS = {"token_block_bytes": 4 * STEP_CFG.intermediate_size * 3}
+# name: (mesh spec, batch, optimizer options, config changes): the split chosen (B < devices)
+# or forced.
+STEPS = {
+    "fsdp=8": ("fsdp=8", 1, {"weight_decay": 0.01}, {}),
+    "fsdp=8-clipped": ("fsdp=8", 1, {"clip_grad_norm": 0.5}, {}),
+    "fsdp=8-token-blocks": ("fsdp=8", 1, {"weight_decay": 0.01}, TOKEN_BLOCKS),
+    "data=2,fsdp=4,length=fsdp": ("data=2,fsdp=4,length=fsdp", 4, {"weight_decay": 0.01}, {}),
+}
 STEP_LEN = 128
 
 
@@ -156,16 +160,17 @@ def _step_batch(batch: int):
     return Batch(ids, labels, segs, positions)
 
 
-def _fused_steps(mesh: str | None, batch: int, options: dict) -> dict:
-    """Two fused AdaLomo float32 steps on `mesh` (None: one device): the losses, each step's
-    updates and the optimizer state after them."""
+def _fused_steps(mesh: str | None, batch: int, options: dict, changes: dict) -> dict:
+    """Two fused AdaLomo float32 steps of STEP_CFG with `changes` on `mesh` (None: one device):
+    the losses, each step's updates and the optimizer state after them."""
     import lomo_jax
     from lomo_jax.sharding import Layout, put
     from lomo_jax.train_step import StepOptions, make_train_step
 
     layout = Layout.of(mesh) if mesh else Layout.of("fsdp=1", jax.devices()[:1])
-    step = make_train_step(StepOptions("adalomo", lr=0.01, **options), STEP_CFG, layout)
-    params = lomo_jax.init_params(STEP_CFG, jax.random.key(1))
+    cfg = STEP_CFG.replace(**changes)
+    step = make_train_step(StepOptions("adalomo", lr=0.01, **options), cfg, layout)
+    params = lomo_jax.init_params(cfg, jax.random.key(1))
     state = layout.on_mesh(step.init(put(params, layout.params(params))))
     b = _step_batch(batch)
 
@@ -189,10 +194,11 @@ def _split_steps(results: str) -> None:
     from lomo_jax.sharding import Layout
 
     out = {}
-    for name, (mesh, batch, options) in STEPS.items():
+    for name, (mesh, batch, options, changes) in STEPS.items():
         split = Layout.of(mesh).sequence_split((batch, STEP_LEN))
         assert split is not None and split.shards == (4 if "data" in mesh else 8), name
-        out |= {f"{name}/{k}": v for k, v in _fused_steps(mesh, batch, options).items()}
+        steps = _fused_steps(mesh, batch, options, changes)
+        out |= {f"{name}/{k}": v for k, v in steps.items()}
     np.savez(results, **out)
 
 
@@ -212,9 +218,11 @@ def test_fused_step_with_the_sequence_split_equals_one_device(steps_on_8_devices
     """float32: the loss, the weights, every update and the AdaLomo state within 1e-5 (relative
     to the largest element of each tensor) of the unsplit step on one device. An update is read
     as new weights - old, which float32 resolves only to an ulp of the weight: its bound is at
-    least 4 ulps of the largest weight (a norm weight near 1 moving by 0.01: 1.2e-7 an ulp)."""
-    _, batch, options = STEPS[case]
-    one = _fused_steps(None, batch, options)
+    least 4 ulps of the largest weight (a norm weight near 1 moving by 0.01: 1.2e-7 an ulp).
+    The one-device step runs its MLP whole, also where the split one runs it in blocks of
+    tokens."""
+    _, batch, options, _ = STEPS[case]
+    one = _fused_steps(None, batch, options, {})
     for key, want in one.items():
         got = steps_on_8_devices[f"{case}/{key}"]
         bound = 1e-5 * float(np.max(np.abs(want)))
