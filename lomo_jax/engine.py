@@ -215,7 +215,7 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     dxs = (dh,)
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
-        if block == LAYER_BLOCKS[-1] and tokens.n >= MIN_TOKEN_BLOCKS:  # a long sequence's MLP
+        if block == LAYER_BLOCKS[-1] and tokens.n > 1:  # a long sequence's MLP
             ps = [weights(name, dxs) for name in block]
             sums, dxs = _vjp_in_tokens(cfg, block, ps, xs, dxs, tokens, constrain)
             for p, g in reversed(list(zip(ps, sums))):  # each sum rounded as its turn comes
@@ -230,13 +230,6 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
             g, dxs = vjp(dxs)
             acc, dxs = take(acc, p, g, dxs)
     return acc, dxs[0]
-
-
-# The backward runs a layer's MLP in blocks of tokens (model.mlp_tokens) only from this many
-# blocks on: the blocks' gradients are summed in float32, three [in, out] float32 sums at once,
-# which outweigh the intermediates two or three blocks would save (README, Long context: the
-# plans that chose it).
-MIN_TOKEN_BLOCKS = 4
 
 
 def _vjp_in_tokens(cfg: LlamaConfig, block, ps: list, xs: tuple, dys: tuple, tokens, constrain):

@@ -251,14 +251,22 @@ def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array | None, mas
     )
 
 
+# The MLP runs in blocks of tokens only from this many blocks on: the fused backward sums the
+# blocks' gradients in float32, three [in, out] float32 sums at once, which outweigh the
+# intermediates two or three blocks would save (README, Long context: the plans that chose it).
+MIN_TOKEN_BLOCKS = 4
+
+
 def mlp_tokens(cfg: LlamaConfig, batch: int, length: int, mask: Mask) -> TokenBlocks:
-    """The blocks of tokens the MLP block runs in: each block's float32 [batch, tokens,
-    intermediate] within `cfg.token_block_bytes` (one block up to Llama-3-8B's 4681 tokens), so
-    a long sequence's [T, intermediate] gate and up projections never exist whole. A split
-    sequence is blocked within each device's own tokens."""
+    """The blocks of tokens the MLP block runs in, in the forward and the fused backward alike:
+    each block's float32 [batch, tokens, intermediate] within `cfg.token_block_bytes`, so a long
+    sequence's [T, intermediate] gate and up projections never exist whole; one block when that
+    takes fewer than MIN_TOKEN_BLOCKS. A split sequence is blocked within each device's own
+    tokens."""
     shards = 1 if mask.split is None else mask.split.shards
     cap = cfg.token_block_bytes // (4 * batch * cfg.intermediate_size)
-    return TokenBlocks.of(length, cap, shards)
+    tokens = TokenBlocks.of(length, cap, shards)
+    return tokens if tokens.n >= MIN_TOKEN_BLOCKS else TokenBlocks.of(length, length, shards)
 
 
 def mlp_block(cfg: LlamaConfig, p_layer: Params, h_BTD: jax.Array, mask: Mask) -> jax.Array:

@@ -27,16 +27,17 @@ def test_map_tokens_equals_the_function_on_every_token(shards, cap):
 def test_the_mlp_of_a_long_sequence_runs_in_blocks_of_tokens():
     """model.mlp_tokens: each block's float32 [batch, tokens, intermediate] within
     token_block_bytes, per device when the sequence is split; Llama-3-8B's default is one block
-    up to 4681 tokens, 8 blocks of 4096 at 32768."""
+    up to 4681 tokens, 8 blocks of 4096 at 32768; one block where it would take fewer than
+    MIN_TOKEN_BLOCKS."""
     from lomo_jax.attention import Mask
-    from lomo_jax.engine import MIN_TOKEN_BLOCKS
-    from lomo_jax.model import mlp_tokens
+    from lomo_jax.model import MIN_TOKEN_BLOCKS, mlp_tokens
     from lomo_jax.presets import find_config
 
     cfg = find_config("llama3.1-8b")
     assert mlp_tokens(cfg, 1, 4681, Mask()).n == 1
+    assert mlp_tokens(cfg, 1, 4681 * (MIN_TOKEN_BLOCKS - 1), Mask()).n == 1
+    assert mlp_tokens(cfg, 1, 4681 * (MIN_TOKEN_BLOCKS - 1) + 1, Mask()).n == MIN_TOKEN_BLOCKS
     assert mlp_tokens(cfg, 1, 32768, Mask()) == TokenBlocks(8, 4096, 1, 32768)
     assert mlp_tokens(cfg, 8, 4096, Mask()) == TokenBlocks(8, 512, 1, 4096)  # 8 rows: <= 585 each
     small = cfg.replace(token_block_bytes=4 * 2 * cfg.intermediate_size * 5)
     assert mlp_tokens(small, 2, 24, Mask()) == TokenBlocks(5, 5, 1, 24)  # the engine tests'
-    assert mlp_tokens(small, 2, 24, Mask()).n >= MIN_TOKEN_BLOCKS  # the backward blocks too
