@@ -11,6 +11,7 @@ from typing import Any
 
 from lomo_jax.attention import BLOCK, IMPLEMENTATIONS
 from lomo_jax.blocks import BLOCK_BYTES
+from lomo_jax.lora import LoraConfig
 from lomo_jax.parameters import params_of
 
 
@@ -160,6 +161,9 @@ class LlamaConfig:
     # Bytes of float32 intermediates one block may hold where a loop walks an axis in blocks
     # (lomo_jax.blocks): the head's vocabulary pieces, the embedding gradient's columns.
     block_bytes: int = BLOCK_BYTES
+    # LoRA factors beside the projections (lomo_jax.lora): an adapter on the model, not part of
+    # it, so it travels as peft's adapter_config.json, never in config.json.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         _check_types(self)

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lomo_jax import attention, compiler
+from lomo_jax import attention, compiler, lora
 from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
+from lomo_jax.lora import LoraConfig
+from lomo_jax.rounding import random_bits
 
 Params = dict[str, Any]
 
@@ -102,8 +104,39 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     return _dense_dot(lhs, rhs)
 
 
-def dense(features: int, use_bias: bool) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dot_general=_dense_dot_general)
+class Dense(nn.Dense):
+    """nn.Dense (through `_dense_dot`), with LoRA factors beside the kernel when `lora` is set:
+    y = x W + b + (alpha / r) dropout(x) A B, the LoRA path in float32 as peft computes it
+    (lomo_jax.lora). Dropout needs the `lora_dropout` rng; without it (evaluation) there is none.
+    Its bits are `rounding.random_bits`: elementwise in each element's index, so they fuse and
+    are the same on any mesh."""
+
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.lora is None:
+            return y
+        r, p = self.lora.rank, self.lora.dropout
+        a = self.param("lora_a", lora.kaiming_uniform(), (x.shape[-1], r), lora.DTYPE)
+        b = self.param("lora_b", nn.initializers.zeros, (r, self.features), lora.DTYPE)
+        x = x.astype(lora.DTYPE)
+        if p and self.has_rng("lora_dropout"):
+            keep = random_bits(self.make_rng("lora_dropout"), x.shape) >= np.uint32(p * 2**32)
+            x = jnp.where(keep, x / (1 - p), 0.0)
+        return (y.astype(lora.DTYPE) + self.lora.scale * ((x @ a) @ b)).astype(y.dtype)
+
+
+def dense(cfg: LlamaConfig, name: str, features: int, use_bias: bool) -> Dense:
+    """Projection `name` (q_proj, ...), with LoRA factors if the config's LoRA targets it."""
+    targeted = cfg.lora is not None and name in cfg.lora.targets
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dot_general=_dense_dot_general,
+        lora=cfg.lora if targeted else None,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -132,8 +165,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = cfg.qkv_bias
-        self.q_proj, self.k_proj = dense(H * K, qkv), dense(KVH * K, qkv)
-        self.v_proj, self.o_proj = dense(KVH * K, qkv), dense(cfg.hidden_size, cfg.attention_bias)
+        self.q_proj = dense(cfg, "q_proj", H * K, qkv)
+        self.k_proj = dense(cfg, "k_proj", KVH * K, qkv)
+        self.v_proj = dense(cfg, "v_proj", KVH * K, qkv)
+        self.o_proj = dense(cfg, "o_proj", cfg.hidden_size, cfg.attention_bias)
         if cfg.qk_norm:  # Qwen3: each head of q and k normalized before RoPE
             self.q_norm, self.k_norm = RMSNorm(cfg.rms_norm_eps), RMSNorm(cfg.rms_norm_eps)
 
@@ -168,8 +203,9 @@ class MLP(nn.Module):
     def setup(self):
         cfg = self.cfg
         bias, inter = cfg.mlp_bias, cfg.intermediate_size
-        self.gate_proj, self.up_proj = dense(inter, bias), dense(inter, bias)
-        self.down_proj = dense(cfg.hidden_size, bias)
+        self.gate_proj = dense(cfg, "gate_proj", inter, bias)
+        self.up_proj = dense(cfg, "up_proj", inter, bias)
+        self.down_proj = dense(cfg, "down_proj", cfg.hidden_size, bias)
 
     def expand(self, x_BTD):
         return self.gate_proj(x_BTD), self.up_proj(x_BTD)
@@ -233,11 +269,23 @@ LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array, mask: Mask):
-    """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs."""
+def _rngs(dropout_key: jax.Array | None) -> dict:
+    """A layer's rngs: its LoRA dropout key (one per layer and step; None: no dropout)."""
+    return {} if dropout_key is None else {"lora_dropout": dropout_key}
+
+
+def layer_stage(
+    cfg: LlamaConfig,
+    name: str,
+    positions_BT: jax.Array,
+    mask: Mask,
+    dropout_key: jax.Array | None = None,
+):
+    """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs.
+    With the layer's `dropout_key`, its LoRA dropout masks are those of `decoder_layer`'s."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
-        {"params": p}, *xs, positions_BT, mask, method=method
+        {"params": p}, *xs, positions_BT, mask, method=method, rngs=_rngs(dropout_key)
     )
 
 
@@ -252,9 +300,13 @@ def decoder_layer(
     h_BTD: jax.Array,
     positions_BT: jax.Array,
     mask: Mask,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
-    return DecoderLayer(cfg).apply({"params": p_layer}, h_BTD, positions_BT, mask)[0]
+    """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis);
+    `dropout_key` draws its LoRA dropout (None: none, as in evaluation)."""
+    return DecoderLayer(cfg).apply(
+        {"params": p_layer}, h_BTD, positions_BT, mask, rngs=_rngs(dropout_key)
+    )[0]
 
 
 def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
@@ -360,7 +412,16 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": init(k_head, (cfg.hidden_size, cfg.vocab_size), jnp.float32)}
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    return cast(params, dtype)
+
+
+def cast(params: Params, dtype) -> Params:
+    """The weights as `dtype` (sharded ones keep their sharding); LoRA factors stay float32."""
+
+    def one(path, x):
+        return x if lora.is_factor(tuple(getattr(k, "key", k) for k in path)) else x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def param_shapes(cfg: LlamaConfig, dtype=jnp.float32) -> Params:
