@@ -212,6 +212,12 @@ def init_factors(cfg: LlamaConfig, key: jax.Array) -> dict:
     return unflatten_dict(tree)
 
 
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The LoRA dropout key of a training step (`model.layer_dropout_key` gives each layer's)."""
+    key = jax.random.fold_in(jax.random.key(seed, impl="threefry2x32"), step)
+    return jax.random.fold_in(key, zlib.crc32(b"lora_dropout"))
+
+
 def delta(cfg: LlamaConfig, a: jax.Array, b: jax.Array) -> jax.Array:
     """(alpha / r) A B in float32: what merging adds to the weight (one layer's or a stack's)."""
     return cfg.lora.scale * jnp.matmul(a.astype(DTYPE), b.astype(DTYPE))

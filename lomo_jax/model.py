@@ -349,6 +349,7 @@ def decoder_layers(
     *,
     remat: bool = False,
     keep_inputs: bool = False,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
     """The stacked layers `p_layers` ([L, ...] leaves) over h_BTD, one `lax.scan` -> (the last
     layer's output, what each layer gives besides).
@@ -356,20 +357,29 @@ def decoder_layers(
     With a `cache` (a KVCache of [L, ...] stacks, the new tokens at `index`) each layer reads and
     fills its slice and the second result is the new cache. `keep_inputs`: the second result is
     every layer's input [L, B, T, D] (the fused engine's saved activations). `remat`: a layer's
-    activations are recomputed for `jax.grad` instead of kept (only the layer inputs are)."""
+    activations are recomputed for `jax.grad` instead of kept (only the layer inputs are).
+    `dropout_key`: LoRA dropout, layer i's drawn from `layer_dropout_key(dropout_key, i)`."""
 
-    def layer(p, h, kv):
-        return DecoderLayer(cfg).apply({"params": p}, h, positions_BT, mask, kv, index)
+    def layer(p, h, kv, i):
+        rngs = _rngs(None if dropout_key is None else layer_dropout_key(dropout_key, i))
+        return DecoderLayer(cfg).apply({"params": p}, h, positions_BT, mask, kv, index, rngs=rngs)
 
     if remat:
         layer = jax.checkpoint(layer)
 
     def body(h, layer_slices):
-        p, kv = layer_slices
-        out, kv = layer(p, h, kv)
+        p, kv, i = layer_slices
+        out, kv = layer(p, h, kv, i)
         return out, (h if keep_inputs else kv)
 
-    return jax.lax.scan(body, h_BTD, (p_layers, cache))
+    idx = None if dropout_key is None else jnp.arange(cfg.num_hidden_layers)
+    return jax.lax.scan(body, h_BTD, (p_layers, cache, idx))
+
+
+def layer_dropout_key(key: jax.Array, i: jax.Array) -> jax.Array:
+    """Layer i's LoRA dropout key of a step's `key`: the forward and the fused backward's
+    recomputation draw the same masks."""
+    return jax.random.fold_in(key, i)
 
 
 def hidden_states(
