@@ -121,9 +121,13 @@ def test_sharded_lora_runs_equal_one_device(inputs, tmp_path):
     subprocess.run(
         [sys.executable, "-c", script], env=_env(8), check=True, timeout=TIMEOUT, cwd=REPO
     )
+    # The base as the fused step's sharded test holds it; the factors 10x looser: AdamW divides
+    # by sqrt(v) + 1e-8, so an element whose gradient is near 1e-8 carries the summation-order
+    # difference of its gradient into its update whole (measured: up to 2.4e-5 after 6 steps).
     for name in ("hybrid", "plain"):
-        one = jax.tree.leaves(lomo_jax.from_pretrained(tmp_path / f"{name}-fsdp=1").params)
-        eight = jax.tree.leaves(lomo_jax.from_pretrained(tmp_path / f"{name}-fsdp=8").params)
-        for a, b in zip(one, eight, strict=True):
-            a, b = np.asarray(a), np.asarray(b)
-            assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(a)), 1e-30), name
+        one = lomo_jax.from_pretrained(tmp_path / f"{name}-fsdp=1").params
+        eight = lomo_jax.from_pretrained(tmp_path / f"{name}-fsdp=8").params
+        for part, rtol in zip(zip(split(one), split(eight), strict=True), (1e-5, 1e-4)):
+            for a, b in zip(*map(jax.tree.leaves, part), strict=True):
+                a, b = np.asarray(a), np.asarray(b)
+                assert np.max(np.abs(a - b)) <= rtol * max(np.max(np.abs(a)), 1e-30), name
