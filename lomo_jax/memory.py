@@ -29,8 +29,10 @@ from lomo_jax.model import param_shapes
 from lomo_jax.sharding import Layout, abstract, make_mesh
 from lomo_jax.train_step import StepOptions, abstract_batch, abstract_state, make_train_step
 
-METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
-SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
+# A model with LoRA factors (`cfg.lora`) plans the fused methods as LoRA + LOMO / AdaLomo (the
+# LOMO paper's hybrid) and `lora` as plain LoRA (the base frozen).
+METHODS = ("inference", "fused-lomo", "fused-adalomo", "lora", "sgd", "adamw")
+SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo", "lora")
 
 
 MAX_TOKENS = 2**31 - 1  # in one step
@@ -175,7 +177,7 @@ def step_options(method: str, dtype=jnp.float32, rounding: str = "stochastic") -
     """The options `lomo-jax train` gives the step of `method` (a METHODS name but inference) by
     default, in `dtype` (float16 scales the loss)."""
     return StepOptions(
-        optimizer=method.removeprefix("fused-"),
+        optimizer="none" if method == "lora" else method.removeprefix("fused-"),
         loss_scaling=jnp.dtype(dtype) == jnp.float16,
         rounding=rounding,
     )
@@ -205,7 +207,10 @@ def lower(
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if layout.mesh.size > 1 and method not in SHARDED_METHODS:
         raise PlanError(f"{method}: sharded plans exist for {', '.join(SHARDED_METHODS)}")
-    step = make_train_step(step_options(method, dtype, rounding), cfg, layout)
+    try:
+        step = make_train_step(step_options(method, dtype, rounding), cfg, layout)
+    except ValueError as e:  # LoRA with a method that has none, or the reverse
+        raise PlanError(f"{method}: {e}") from None
     return step.step.lower(abstract_state(step.init, params), batch), params
 
 
@@ -242,6 +247,7 @@ def analyze(
         "dtype": jnp.dtype(dtype).name,
         "rounding": rounding,
         "devices": layout.mesh.size if layout else 1,
+        "lora_rank": cfg.lora.rank if cfg.lora else 0,
     }
 
 
