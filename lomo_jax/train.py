@@ -595,8 +595,10 @@ class _Loop:
         return m
 
     def _show(self, m: dict, bar: ProgressBar | None, eta: float) -> None:
+        lrs = [] if self.c.optimizer == "none" else [f"lr {m['lr']:.3g}"]  # a frozen base's
+        lrs += [f"LoRA lr {m['lora_lr']:.3g}"] if "lora_lr" in m else []
         line = (
-            f"loss {m['loss']:.4f}  lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
+            f"loss {m['loss']:.4f}  {'  '.join(lrs)}  {m['tokens_per_s']:.0f} tok/s  "
             f"peak mem {m['peak_memory_bytes'] / 1e9:.2f} GB"
         )
         if bar:

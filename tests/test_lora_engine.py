@@ -87,7 +87,7 @@ def reference(cfg, params, ids_list, optimizer, clip=None, frozen=False, seed=0)
 @pytest.mark.parametrize(
     ("optimizer", "clip", "dropout", "cfg_name"),
     [
-        ("lomo", None, 0.0, "gqa"),
+        pytest.param("lomo", None, 0.0, "gqa", marks=pytest.mark.slow),
         ("lomo", 0.5, 0.0, "mha-tied"),
         ("adalomo", None, 0.0, "gqa"),
         pytest.param("adalomo", 0.5, 0.1, "gqa", marks=pytest.mark.slow),
@@ -124,6 +124,7 @@ def test_plain_lora_equals_jax_grad_of_the_factors(dropout):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_plain_lora_clips_the_factors_gradients():
     """With the base frozen, norm clipping covers what trains: the factors' global norm."""
     cfg = CONFIGS["gqa"].replace(lora=LORA)
@@ -184,6 +185,7 @@ def test_lora_options_that_cannot_work_are_refused(optimizer, model_lora, messag
         make_train_step(StepOptions(optimizer), cfg)
 
 
+@pytest.mark.slow
 def test_hybrid_schedule_is_its_own():
     """--lora-lr with its own schedule and warmup: the factors' learning rate per step."""
     cfg = CONFIGS["gqa"].replace(lora=LORA)
@@ -198,7 +200,9 @@ def test_hybrid_schedule_is_its_own():
         assert float(m["lr"]) == pytest.approx(1e-2)
 
 
-@pytest.mark.parametrize("method", ["fused-lomo", "fused-adalomo", "lora"])
+@pytest.mark.parametrize(
+    "method", ["fused-lomo", pytest.param("fused-adalomo", marks=pytest.mark.slow), "lora"]
+)
 def test_lora_steps_copy_no_stacked_weight(method):
     """The hybrid carries the base stacks as the fused step does and reads the factors as they
     were; plain LoRA writes no stack at all: no instruction copies a stacked weight."""
