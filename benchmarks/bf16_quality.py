@@ -35,7 +35,7 @@ def run(model: Path, out: Path, optimizer: str, dtype: str, rounding: str, steps
         out=str(out),
         format="alpaca",
         optimizer=optimizer,
-        lr=kw.get("lr", LR[optimizer]),
+        lr=kw["lr"] if "lr" in kw else LR[optimizer],
         steps=steps,
         batch_size=kw.get("batch_size", 8),
         seq_len=kw.get("seq_len", 256),
