@@ -512,14 +512,16 @@ def _parser() -> argparse.ArgumentParser:
         "--optimizer lomo/adalomo the base trains too (the LOMO paper's hybrid), with "
         "--optimizer none it is frozen",
     )
-    g.add_argument("--lora-rank", type=int, help="fresh factors of this rank (peft's init)")
+    g.add_argument(
+        "--lora-rank", type=_int(0), help="fresh factors of this rank (peft's init; 0: none)"
+    )
     g.add_argument("--lora-alpha", type=float, help="scaling alpha / rank (default 2 x rank)")
     g.add_argument("--lora-targets", help="projections to adapt (default q_proj,v_proj)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA path's input")
     g.add_argument("--adapter", help="start from this peft adapter directory instead")
     g.add_argument("--lora-lr", type=float, help="the factors' AdamW learning rate (5e-4)")
     g.add_argument("--lora-schedule", choices=SCHEDULES, help="default: --schedule")
-    g.add_argument("--lora-warmup-steps", type=int, help="default: --warmup-steps")
+    g.add_argument("--lora-warmup-steps", type=_int(0), help="default: --warmup-steps")
     g.add_argument("--lora-weight-decay", type=float, help="AdamW's decoupled decay (0)")
     g = s.add_argument_group(
         "several processes (hosts)",
@@ -607,7 +609,7 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 _PATHS = ("src", "ckpt", "out", "model", "data", "eval_data", "tokenizer", "template")
-_PATHS += ("config", "resume", "from_checkpoint")
+_PATHS += ("config", "resume", "from_checkpoint", "adapter")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

@@ -95,6 +95,7 @@ _AT_LEAST = {
     "seed": 0,
     "gradient_accumulation_steps": 1,
     "lora_rank": 0,
+    "lora_warmup_steps": 0,
     "lora_dropout": 0,
     "lora_lr": 0,
     "lora_weight_decay": 0,
@@ -112,6 +113,8 @@ _AT_MOST = dict.fromkeys(
         "seq_len",
         "warmup_steps",
         "gradient_accumulation_steps",
+        "lora_rank",
+        "lora_warmup_steps",
         "eval_every",
         "save_every",
         "keep_checkpoints",
@@ -207,6 +210,8 @@ class TrainConfig:
                 )
         for name, low in _AT_LEAST.items():
             value = getattr(self, name)
+            if value is None:  # unset: another option's (lora_warmup_steps: --warmup-steps)
+                continue
             if name in _AT_MOST and value > _AT_MOST[name]:
                 raise OptionError(name, f"must be at most {_AT_MOST[name]}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):

@@ -10,13 +10,17 @@ import optax
 import pytest
 
 import lomo_jax
+from convert import export as export_module
 from convert import export_hf
 from convert.errors import ConversionError
 from convert.peft import read_adapter, write_adapter
 from lomo_jax.checkpoint import CheckpointError
+from lomo_jax.cli import main
+from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.lora import LoraConfig, LoraConfigError, init_factors, join
 from lomo_jax.optim import AdamW, StepScalars
 from tests.conftest import CONFIGS, make_hf_dir
+from tests.test_outputs import during, in_use
 
 CFG = CONFIGS["gqa"]
 
@@ -26,6 +30,30 @@ def test_export_peft_needs_an_adapter(tmp_path):
     with pytest.raises(ConversionError, match="has no LoRA adapter"):
         export_hf(tmp_path / "m", tmp_path / "out", peft=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_peft_claims_its_out_and_keeps_the_generation_config_and_template(
+    tmp_path, monkeypatch, capsys
+):
+    """`export --peft` is an export: a second writer of its OUT is refused with one line, and the
+    base directory keeps the model's generation_config.json and chat template."""
+    cfg = CFG.replace(lora=LoraConfig(2))
+    base = lomo_jax.from_pretrained(make_hf_dir(tmp_path / "base", CFG))
+    gen = GenerationConfig.from_values({"eos_token_id": [1, 2], "do_sample": True, "top_k": 5})
+    factors = init_factors(cfg, jax.random.key(0))
+    model = lomo_jax.LlamaModel(cfg, join(base.params, factors), generation_config=gen)
+    model.save_pretrained(tmp_path / "m")
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (tmp_path / "m" / "chat_template.jinja").write_text(template)
+    out = tmp_path / "out"
+    argv = ["export", str(tmp_path / "m"), str(out), "--peft"]
+    second = during(monkeypatch, export_module, "write_hf", argv)
+    assert main(argv) == 0
+    assert second == [1]
+    assert in_use(out, "export") in capsys.readouterr().err.splitlines()
+    assert (out / "generation_config.json").read_text() == gen.text
+    assert (out / "chat_template.jinja").read_text() == template
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
 
 
 def test_adamw_rule_equals_optax_adamw():
