@@ -11,9 +11,11 @@ batches. Reads ../shared/data beside the repository.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import lomo_jax
@@ -33,7 +35,7 @@ def run(model: Path, out: Path, optimizer: str, dtype: str, rounding: str, steps
         out=str(out),
         format="alpaca",
         optimizer=optimizer,
-        lr=kw.get("lr", LR[optimizer]),
+        lr=kw["lr"] if "lr" in kw else LR[optimizer],
         steps=steps,
         batch_size=kw.get("batch_size", 8),
         seq_len=kw.get("seq_len", 256),
@@ -41,6 +43,7 @@ def run(model: Path, out: Path, optimizer: str, dtype: str, rounding: str, steps
         seed=0,
         dtype=dtype,
         rounding=rounding,
+        **{k: v for k, v in kw.items() if k not in ("lr", "batch_size", "seq_len")},
     )
     return [m["eval_loss"] for m in train(c) if "eval_loss" in m][-1]
 
@@ -52,20 +55,30 @@ def import_stories(out: Path) -> Path:
     return import_checkpoint(llama2c / "stories260K.bin", out, llama2c / "tok512.model")
 
 
+@contextlib.contextmanager
+def stories_model() -> Iterator[tuple[Path, Path]]:
+    """(a temporary directory for the runs, stories260K imported in it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp), import_stories(Path(tmp) / "stories")
+
+
+def start() -> None:
+    """As the CLI, before JAX starts; the runs log warnings only."""
+    lomo_jax.configure()
+    logging.basicConfig(level=logging.WARNING)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--optimizers", default="adalomo,lomo")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    lomo_jax.configure()  # as the CLI, before JAX starts
-    logging.basicConfig(level=logging.WARNING)
+    start()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model = import_stories(tmp / "stories")
+    with stories_model() as (tmp, model):
         # One step at learning rate 0 changes nothing (float32): the loss before training.
-        start = run(model, tmp / "start", "lomo", "float32", "nearest", 1, lr=0.0)
+        before = run(model, tmp / "start", "lomo", "float32", "nearest", 1, lr=0.0)
         for optimizer in a.optimizers.split(","):
             losses = {}
             for dtype, rounding in VARIANTS:
@@ -80,7 +93,7 @@ def main() -> None:
                         "dtype": dtype,
                         "rounding": rounding,
                         "steps": a.steps,
-                        "start_eval_loss": round(start, 4),
+                        "start_eval_loss": round(before, 4),
                         "eval_loss": round(losses[dtype, rounding], 4),
                         "vs_float32": round(
                             losses[dtype, rounding] - losses["float32", "nearest"], 4
@@ -90,7 +103,7 @@ def main() -> None:
     if a.json:
         print(json.dumps(rows))
         return
-    print(f"stories260K, Alpaca, {a.steps} steps, batch 8 x 256; validation loss from {start:.4f}")
+    print(f"stories260K, Alpaca, {a.steps} steps, batch 8 x 256; validation loss from {before:.4f}")
     for r in rows:
         label = r["dtype"] if r["dtype"] == "float32" else f"{r['dtype']} {r['rounding']}"
         print(

@@ -5,10 +5,14 @@
     python benchmarks/memory.py --target h100 --model llama-7b --batch-size 1 --seq-len 8192 \
         --dtype bfloat16 --methods fused-adalomo,fused-lomo
     python benchmarks/memory.py --dtype bfloat16 --methods fused-adalomo --rounding nearest
+    python benchmarks/memory.py --target h100 --dtype bfloat16 --lora-rank 8 \
+        --methods fused-lomo,fused-adalomo,lora
 
 prints a JSON list of rows {method, param_bytes, peak_bytes, peak_over_params, ...} for
 inference (forward + loss), fused-lomo, fused-adalomo, sgd and adamw (jax.grad + optax with the
 same layer-boundary checkpointing). peak = arguments + outputs + temporaries - aliased.
+With --lora-rank R (on --lora-targets, default q_proj,v_proj) the fused methods are LoRA + LOMO /
+AdaLomo (the LOMO paper's hybrid) and `lora` is plain LoRA (the base frozen).
 With --devices N the step is sharded over N devices (mesh fsdp=N unless --mesh says otherwise)
 and every figure is per device: param_bytes is one device's share. --target h100 / h200 / rtx4090
 compiles for that GPU without one (lomo_jax.memory: needs JAX's CUDA plugin); the default is
@@ -47,6 +51,8 @@ def main() -> None:
         action="store_true",
         help="the fused steps keep their saved layer inputs in host memory",
     )
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA factors of this rank")
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--json", action="store_true", help="one JSON list on stdout")
     a = p.parse_args()
     lomo_jax.configure()  # as the CLI: XLA:CPU's memory-aware scheduler, before JAX starts
@@ -57,25 +63,39 @@ def main() -> None:
     if a.target == "cpu" and a.devices > 1:  # JAX reads the device count once, when it starts
         jax.config.update("jax_num_cpu_devices", a.devices)
 
-    from lomo_jax.memory import METHODS, SHARDED_METHODS, TARGETS, analyze, target_layout
+    from lomo_jax.memory import (
+        FUSED_METHODS,
+        METHODS,
+        SHARDED_METHODS,
+        TARGETS,
+        analyze,
+        target_layout,
+    )
     from lomo_jax.presets import PRESETS, preset
 
     if a.model not in PRESETS:
         p.error(f"--model: choose from {sorted(PRESETS)}")
     if a.target not in TARGETS:
         p.error(f"--target: choose from {TARGETS}")
+    from lomo_jax.lora import LoraConfig
+
     cfg = preset(a.model).replace(attention=a.attention)
+    if a.lora_rank:
+        cfg = cfg.replace(lora=LoraConfig(a.lora_rank, targets=tuple(a.lora_targets.split(","))))
     layout = target_layout(a.target, a.devices, a.mesh)
     sharded = a.devices > 1
     methods = a.methods.split(",") if a.methods else (SHARDED_METHODS if sharded else METHODS)
+    if not a.methods:  # the methods that apply to the model, with or without LoRA
+        drop = ("sgd", "adamw") if cfg.lora else ("lora",)
+        methods = [m for m in methods if m not in drop]
     on = a.batch_size, a.seq_len, jnp.dtype(a.dtype), layout, a.rounding
-    offload = a.offload_activations
-    rows = [analyze(cfg, m, *on, offload and m.startswith("fused-")) for m in methods]
+    rows = [analyze(cfg, m, *on, a.offload_activations and m in FUSED_METHODS) for m in methods]
     if a.json:
         print(json.dumps(rows))
         return
     where = f", {a.devices} devices {dict(layout.mesh.shape)}, per device" if sharded else ""
     rounded = f" ({a.rounding} rounding)" if a.dtype != "float32" else ""
+    rounded += f", LoRA rank {a.lora_rank} on {a.lora_targets}" if cfg.lora else ""
     print(f"{a.model}, batch {a.batch_size} x {a.seq_len}, {a.dtype}{rounded}, {a.target}{where}")
     print(f"{'method':15s} {'params GB':>10s} {'peak GB':>9s} {'peak/params':>12s} {'host GB':>8s}")
     for r in rows:

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from convert import safetensors_file, torch_pickles
+from convert.errors import ConversionError
 from convert.layout import hf_tensors
+from convert.peft import ADAPTER_DIR, merged_tensors, write_adapter
 from lomo_jax import checkpoint
 from lomo_jax.atomic import atomic_directory, check_free
 from lomo_jax.config import LlamaConfig
@@ -65,13 +67,25 @@ def export_hf(
     out: str | Path,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    peft: bool = False,
 ) -> Path:
+    """A lomo-jax model as the family's Hugging Face directory. A model with LoRA factors is
+    written merged (W + (alpha / r) B A); with `peft`, as its base weights and the adapter in
+    OUT/adapter/, which `PeftModel.from_pretrained(base, OUT/adapter)` loads."""
     with claim(out, "export", reads=(ckpt,)) as path:  # before the checkpoint is read
         check_free(path, overwrite)
         cfg, params, tok_files = checkpoint.load_pretrained(ckpt)
+        if peft and cfg.lora is None:
+            raise ConversionError(ckpt, "has no LoRA adapter to export (drop --peft)")
         params = checkpoint.tree_to_numpy(params)
         with atomic_directory(out, overwrite) as tmp:
-            write_hf(tmp, cfg, hf_tensors(cfg, params), max_shard_bytes)
+            if cfg.lora is None or peft:
+                tensors = hf_tensors(cfg, params)
+            else:
+                tensors = merged_tensors(cfg, params)
+            write_hf(tmp, cfg, tensors, max_shard_bytes)
+            if peft:
+                write_adapter(tmp / ADAPTER_DIR, cfg, params, str(path))
             GenerationConfig.of(Path(ckpt), cfg).write(tmp)
             _export_tokenizer(tok_files, tmp, cfg)
     return Path(out)

@@ -35,8 +35,9 @@ class Slot:
 
 def slots(cfg: LlamaConfig) -> list[Slot]:
     """Every tensor of a Hugging Face checkpoint in the table's order, the per-layer rows
-    repeated layer after layer (so a sharded export splits between layers)."""
-    rows = params_of(cfg)
+    repeated layer after layer (so a sharded export splits between layers). LoRA factors are
+    the adapter's (`convert.peft`), not the model's."""
+    rows = [p for p in params_of(cfg) if p.adapts is None]
     layer_rows = [p for p in rows if p.per_layer]
     out = []
     for p in rows:
@@ -100,13 +101,18 @@ class TreeBuilder:
         return self.tree
 
 
+def slot_value(tree: dict, s: Slot) -> np.ndarray:
+    """Slot `s`'s tensor in the lomo-jax tree (one layer's, for a stacked one), as a view."""
+    node = tree
+    for k in s.param.path:
+        node = node[k]
+    return np.asarray(node if s.layer is None else node[s.layer])
+
+
 def hf_tensors(cfg: LlamaConfig, tree: dict) -> Iterator[tuple[str, np.ndarray]]:
     """The inverse map: (HF name, [out, in] view) for every tensor, without copying the tree."""
     for s in slots(cfg):
-        node = tree
-        for k in s.param.path:
-            node = node[k]
-        value = np.asarray(node if s.layer is None else node[s.layer])
+        value = slot_value(tree, s)
         yield s.hf_name, (value.T if s.param.transposed else value)
 
 

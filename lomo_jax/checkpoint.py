@@ -29,6 +29,7 @@ from lomo_jax.distributed import barrier, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.inputs import read_json
+from lomo_jax.lora import LoraConfig
 from lomo_jax.parameters import leaf_name, params_of
 from lomo_jax.tokenizer import saved_name, tokenizer_files
 
@@ -37,6 +38,7 @@ ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+ADAPTER_FILE = "adapter_config.json"  # the LoRA settings of a model with factors (lomo_jax.lora)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -342,7 +344,8 @@ def write_model(
 ) -> None:
     """Writes config, generation config (by default the one `config` implies), tokenizer and
     params into an existing directory (a training run's output directory is also its final
-    model). The params folder appears only once complete."""
+    model). The params folder appears only once complete. A model with LoRA factors
+    (`config.lora`) has their settings in peft's adapter_config.json."""
     for f in tokenizer_files if is_primary() else ():
         f = Path(f)
         dest = directory / saved_name(f)
@@ -354,6 +357,10 @@ def write_model(
     if is_primary():
         (generation or GenerationConfig.derived(config)).write(directory)
         write_file(directory / CONFIG_FILE, json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        if config.lora is not None:
+            write_file(directory / ADAPTER_FILE, json.dumps(config.lora.to_peft(), indent=2) + "\n")
+        else:
+            (directory / ADAPTER_FILE).unlink(missing_ok=True)
 
 
 def save_pretrained(
@@ -378,6 +385,12 @@ def read_model_info(path: str | Path) -> tuple[LlamaConfig, list[Path]]:
         cfg = LlamaConfig.from_hf_dict(raw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: invalid config: {e}") from None
+    if (p / ADAPTER_FILE).is_file():
+        adapter = read_json(p / ADAPTER_FILE, error=CheckpointError)
+        try:
+            cfg = cfg.replace(lora=LoraConfig.from_peft(adapter, cfg.num_hidden_layers))
+        except ValueError as e:  # a LoraConfigError
+            raise CheckpointError(f"{p / ADAPTER_FILE}: {e}") from None
     check_fits(p, cfg)
     return cfg, tokenizer_files(p)
 

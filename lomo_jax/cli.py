@@ -33,7 +33,11 @@ def _cmd_export(a: argparse.Namespace) -> None:
         raise ConversionError(a.ckpt, "not a lomo-jax checkpoint (no config.json and params/)")
     shard = round(a.max_shard_size * 2**20) if a.max_shard_size else None
     out = export_hf(
-        a.ckpt, a.out, **({"max_shard_bytes": shard} if shard else {}), overwrite=a.overwrite
+        a.ckpt,
+        a.out,
+        **({"max_shard_bytes": shard} if shard else {}),
+        overwrite=a.overwrite,
+        peft=a.peft,
     )
     log.info("exported %s -> %s", a.ckpt, out)
 
@@ -204,14 +208,20 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     import jax
 
     from lomo_jax.longest import max_seq_len
+    from lomo_jax.lora import LoraConfig
     from lomo_jax.memory import GPUS, plan
     from lomo_jax.presets import find_config
     from lomo_jax.train_step import DTYPES
 
     cfg = find_config(a.model).replace(attention=a.attention)
+    if a.lora_rank:
+        targets = tuple(a.lora_targets.split(","))
+        cfg = cfg.replace(lora=LoraConfig(a.lora_rank, targets=targets))
     if a.target == "cpu" and a.devices > 1:  # read when the CPU backend starts (not yet)
         jax.config.update("jax_num_cpu_devices", a.devices)
-    method = f"fused-{a.optimizer}" if a.optimizer in ("lomo", "adalomo") else a.optimizer
+    method = {"lomo": "fused-lomo", "adalomo": "fused-adalomo", "none": "lora"}.get(
+        a.optimizer, a.optimizer
+    )
     on = {"dtype": DTYPES[a.dtype], "target": a.target, "devices": a.devices}
     on |= {"offload": a.offload_activations, "mesh": a.mesh}
     if a.max_seq_len is None:
@@ -224,12 +234,13 @@ def _cmd_plan(a: argparse.Namespace) -> None:
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     device = GPUS[a.target].name if a.target in GPUS else "CPU"
     shape = f"batch {a.batch_size}" + ("" if a.max_seq_len is not None else f" x {a.seq_len}")
+    lora = f" + LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora else ""
     peak = (
         f"peak {gib(row['peak_bytes'])} ({row['peak_over_params']:.3f} x parameters) of "
         f"{gib(row['device_bytes'])}"
     )
     print(
-        f"{a.model}: {method}, {shape}, {a.dtype}, on {a.devices} x {device}, per device: "
+        f"{a.model}: {method}{lora}, {shape}, {a.dtype}, on {a.devices} x {device}, per device: "
         f"parameters {gib(row['param_bytes'])}, ",
         end="",
     )
@@ -398,6 +409,12 @@ def _parser() -> argparse.ArgumentParser:
         help="MiB per safetensors shard (default 5 GiB)",
     )
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    s.add_argument(
+        "--peft",
+        action="store_true",
+        help="a model with LoRA factors: its base weights in OUT and a peft adapter in "
+        "OUT/adapter (default: the factors merged into the weights)",
+    )
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser(
@@ -502,6 +519,23 @@ def _parser() -> argparse.ArgumentParser:
         "memory; `lomo-jax plan --offload-activations auto` says whether a run needs it)",
     )
     g = s.add_argument_group(
+        "LoRA",
+        "factors beside the projections, trained by AdamW after the fused backward: with "
+        "--optimizer lomo/adalomo the base trains too (the LOMO paper's hybrid), with "
+        "--optimizer none it is frozen",
+    )
+    g.add_argument(
+        "--lora-rank", type=_int(0), help="fresh factors of this rank (peft's init; 0: none)"
+    )
+    g.add_argument("--lora-alpha", type=float, help="scaling alpha / rank (default 2 x rank)")
+    g.add_argument("--lora-targets", help="projections to adapt (default q_proj,v_proj)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA path's input")
+    g.add_argument("--adapter", help="start from this peft adapter directory instead")
+    g.add_argument("--lora-lr", type=float, help="the factors' AdamW learning rate (5e-4)")
+    g.add_argument("--lora-schedule", choices=SCHEDULES, help="default: --schedule")
+    g.add_argument("--lora-warmup-steps", type=_int(0), help="default: --warmup-steps")
+    g.add_argument("--lora-weight-decay", type=float, help="AdamW's decoupled decay (0)")
+    g = s.add_argument_group(
         "several processes (hosts)",
         "start one process per host with the same command; jax.distributed joins them. "
         "Each flag defaults to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID",
@@ -582,6 +616,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the fused step's saved layer inputs in host memory (auto: only when the "
         "step would not fit without)",
     )
+    s.add_argument(
+        "--lora-rank",
+        type=_int(1),
+        help="LoRA factors of this rank: lomo / adalomo plan the hybrid, none plain LoRA",
+    )
+    s.add_argument("--lora-targets", default="q_proj,v_proj", help="default q_proj,v_proj")
     s.add_argument("--json", action="store_true", help="one JSON object")
     s.set_defaults(func=_cmd_plan)
 
@@ -608,7 +648,7 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 _PATHS = ("src", "ckpt", "out", "model", "data", "eval_data", "tokenizer", "template")
-_PATHS += ("config", "resume", "from_checkpoint")
+_PATHS += ("config", "resume", "from_checkpoint", "adapter")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

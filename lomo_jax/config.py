@@ -11,6 +11,7 @@ from typing import Any
 
 from lomo_jax.attention import BLOCK, IMPLEMENTATIONS
 from lomo_jax.blocks import BLOCK_BYTES
+from lomo_jax.lora import LoraConfig
 from lomo_jax.parameters import params_of
 from lomo_jax.token_blocks import TOKEN_BLOCK_BYTES
 
@@ -164,6 +165,9 @@ class LlamaConfig:
     # Bytes of one block of tokens' float32 MLP intermediates (model.mlp_tokens): long sequences
     # run their MLP block a block of tokens at a time.
     token_block_bytes: int = TOKEN_BLOCK_BYTES
+    # LoRA factors beside the projections (lomo_jax.lora): an adapter on the model, not part of
+    # it, so it travels as peft's adapter_config.json, never in config.json.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         _check_types(self)

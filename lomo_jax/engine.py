@@ -44,16 +44,27 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import layout as xla_layout
 
-from lomo_jax import blocks, offload
+from lomo_jax import blocks, lora, offload
 from lomo_jax.attention import Mask
 from lomo_jax.compiler import jit
 from lomo_jax.config import LlamaConfig
 from lomo_jax.loss import Batch, batch_inputs, head_loss_and_grads, next_token_targets
 from lomo_jax.loss_scale import DynamicLossScale, no_scaling
-from lomo_jax.model import LAYER_BLOCKS, decoder_layers, embed, layer_stage, mlp_tokens
+from lomo_jax.model import (
+    LAYER_BLOCKS,
+    decoder_layers,
+    embed,
+    layer_dropout_key,
+    layer_stage,
+    mlp_tokens,
+    token_block_key,
+)
 from lomo_jax.optim import (
+    AdamW,
+    Lomo,
     StepScalars,
     UpdateRule,
+    apply_updates,
     clip_coefficient,
     global_norm_sq,
     init_state,
@@ -66,12 +77,38 @@ from lomo_jax.sharding import Layout
 from lomo_jax.state import TrainState, all_finite
 
 
+class LoraTraining(NamedTuple):
+    """How the fused step trains a model's LoRA factors (`lomo_jax.lora`): after the reverse
+    scan, with `rule` (AdamW) at `schedule`'s learning rate, from the gradients the scan's
+    per-layer vjps gave beside the base weights'."""
+
+    rule: AdamW
+    schedule: Schedule
+
+
+def _by_part(rule: UpdateRule | None, factor_rule: AdamW | None, params, f):
+    """`f(rule, tree)` for the base weights (no state when frozen: `rule` None) and
+    `f(factor_rule, tree)` for the LoRA factors, joined into one tree like `params`."""
+    if factor_rule is None:
+        return f(rule, params)
+    base, factors = lora.split(params)
+    return lora.join(f(rule or Lomo(), base), f(factor_rule, factors))
+
+
+def opt_state_shardings(
+    layout: Layout, rule: UpdateRule | None, factor_rule: AdamW | None, params
+) -> Any:
+    """Where each leaf of `init_train_state`'s optimizer state lives on `layout`'s mesh."""
+    return _by_part(rule, factor_rule, params, layout.opt_state)
+
+
 def init_train_state(
-    rule: UpdateRule,
+    rule: UpdateRule | None,
     params: Any,
     float16: bool = False,
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
+    factor_rule: AdamW | None = None,
 ) -> TrainState:
     """The step-0 state around `params` for the fused step.
 
@@ -83,15 +120,18 @@ def init_train_state(
         loss_scale: the scaler whose initial scale to start from.
         layout: the mesh `params` are laid out on: the optimizer state is created in its shards,
             never whole on one device.
+        factor_rule: the LoRA factors' rule (AdamW) when `params` has factors; `rule` None: the
+            base weights are frozen (plain LoRA) and keep no state.
     """
 
     def rest(params):
         scale = (loss_scale or DynamicLossScale()).init() if float16 else no_scaling()
-        return init_state(rule, params), jnp.int32(0), scale
+        return _by_part(rule, factor_rule, params, init_state), jnp.int32(0), scale
 
     if layout is not None:
         shardings = jax.tree.map(lambda _: layout.replicated(), jax.eval_shape(rest, params))
-        rest = jax.jit(rest, out_shardings=(layout.opt_state(rule, params), *shardings[1:]))
+        opt_shardings = opt_state_shardings(layout, rule, factor_rule, params)
+        rest = jax.jit(rest, out_shardings=(opt_shardings, *shardings[1:]))
     return TrainState(params, *rest(params))
 
 
@@ -169,6 +209,8 @@ class _Reverse(NamedTuple):
     hs: jax.Array  # [L, B, T, D] each layer's input (in host memory when offloaded)
     dh_L: jax.Array  # [B, T, D]
     layout: Layout | None
+    dropout_key: jax.Array | None  # the step's LoRA dropout key (None: no dropout)
+    frozen: bool  # the base weights are frozen: only the LoRA factors' gradients are taken
     offload: bool = False  # hs are in host memory: fetch each layer's input a layer ahead
 
     def embedding_grad(self, table: jax.Array, dh_0: jax.Array, g_tied=None) -> jax.Array:
@@ -185,21 +227,31 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
 
     `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
-    touches only the device's slice."""
+    touches only the device's slice. With `rev.frozen` the vjps are taken over the LoRA factors
+    alone: no base weight's gradient is computed."""
     cfg, positions, mask = rev.cfg, rev.positions, rev.mask
+    key = None if rev.dropout_key is None else layer_dropout_key(rev.dropout_key, i)
+
+    def stage(name, frozen, key=key):  # stage `name` of (its trained weights, its inputs)
+        f = layer_stage(cfg, name, positions, mask, key)
+        return lambda p, xs: f(unflatten_dict({**frozen, **p}), xs)
 
     def weights(stage, after):
+        """(the stage's weights the vjp is taken over, those it is not: a frozen base's)."""
         # Sliced anew after `after`: one slice shared with the forward would stay alive between.
         j = _index_after(i, after)
         wanted = stage_weights(stage)
-        return {k: w[j] for k, w in stacks.items() if k in wanted}
+        p = {k: w[j] for k, w in stacks.items() if k in wanted}
+        frozen = {k: w for k, w in p.items() if rev.frozen and not lora.is_factor(k)}
+        return {k: w for k, w in p.items() if k not in frozen}, frozen
 
     # Each block's input (a plain forward of the blocks before it: its activations are not kept).
     inputs = [(h_i,)]
     for block in LAYER_BLOCKS[:-1]:
         xs = inputs[-1]
         for name in block:
-            xs = layer_stage(cfg, name, positions, mask)(unflatten_dict(weights(name, h_i)), xs)
+            p, frozen = weights(name, h_i)
+            xs = stage(name, frozen)(p, xs)
         inputs.append(xs)
 
     def constrain(g):  # sharded: each gradient onto its weight's shards (XLA reduce-scatters)
@@ -208,7 +260,7 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     def take(acc, p, g, dxs):
         # dxs reads every weight of the stage (the in-place writes must come after the reads),
         # and the stages below wait for this one's update: its gradients die here.
-        acc, done = consume(acc, i, p, _depends_on(flatten_dict(constrain(g)), dxs))
+        acc, done = consume(acc, i, p, _depends_on(constrain(g), dxs))
         return acc, _depends_on(dxs, done)
 
     tokens = mlp_tokens(cfg, *h_i.shape[:2], mask)
@@ -216,15 +268,17 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     for block, xs in zip(reversed(LAYER_BLOCKS), reversed(inputs)):
         xs, tape = _depends_on(xs, dxs), []
         if block == LAYER_BLOCKS[-1] and tokens.n > 1:  # a long sequence's MLP
-            ps = [weights(name, dxs) for name in block]
-            sums, dxs = _vjp_in_tokens(cfg, block, ps, xs, dxs, tokens, constrain)
+            ps, frozens = zip(*(weights(name, dxs) for name in block))
+            stages = [
+                functools.partial(stage, name, frozen) for name, frozen in zip(block, frozens)
+            ]
+            sums, dxs = _vjp_in_tokens(stages, ps, xs, dxs, tokens, key, constrain)
             for p, g in reversed(list(zip(ps, sums))):  # each sum rounded as its turn comes
-                g = jax.tree.map(lambda g, w: g.astype(w.dtype), g, unflatten_dict(p))
-                acc, dxs = take(acc, p, g, dxs)
+                acc, dxs = take(acc, p, {k: g[k].astype(w.dtype) for k, w in p.items()}, dxs)
             continue
         for name in block:
-            p = weights(name, dxs)
-            xs, vjp = jax.vjp(layer_stage(cfg, name, positions, mask), unflatten_dict(p), xs)
+            p, frozen = weights(name, dxs)
+            xs, vjp = jax.vjp(stage(name, frozen), p, xs)
             tape.append((p, vjp))
         for p, vjp in reversed(tape):
             g, dxs = vjp(dxs)
@@ -232,32 +286,37 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     return acc, dxs[0]
 
 
-def _vjp_in_tokens(cfg: LlamaConfig, block, ps: list, xs: tuple, dys: tuple, tokens, constrain):
-    """The vjp of a per-token block of stages (the MLP's: `model.mlp_tokens`) one block of tokens
-    at a time -> (each stage's weight gradients in float32, the inputs' cotangents). A weight's
-    gradient is the sum of the blocks' (each in the weights' dtype, as its vjp gives it) in
-    float32; a block's tokens an earlier block had (the last block overlaps) get a zero
+def _vjp_in_tokens(stages: list, ps: tuple, xs: tuple, dys: tuple, tokens, key, constrain):
+    """The vjp of a per-token block (the MLP's, as `model.mlp_tokens` blocks it) one block of
+    tokens at a time. `stages[k](key)` is the k-th stage as a function of (its trained weights
+    `ps[k]`, its inputs), with block j's LoRA dropout key (`model.token_block_key`, as the
+    forward draws it). -> (each stage's weight gradients in float32, the inputs' cotangents).
+    A weight's gradient is the sum of the blocks' (each in the weights' dtype, as its vjp gives
+    it) in float32; a block's tokens an earlier block had (the last block overlaps) get a zero
     cotangent, so every token counts once."""
-
-    def stages(ps, xs):
-        for name, p in zip(block, ps):
-            xs = layer_stage(cfg, name, None, None)(p, xs)
-        return xs
-
-    ps = [unflatten_dict(p) for p in ps]
 
     def body(carry, j):
         sums, dxs = carry
+        k = token_block_key(key, j, tokens)
+
+        def block(ps, xs):
+            for f, p in zip(stages, ps):
+                xs = f(k)(p, xs)
+            return xs
+
         dys_j = tuple(jnp.where(tokens.own(j, y.ndim), tokens.take(y, j), 0) for y in dys)
-        _, vjp = jax.vjp(stages, ps, tuple(tokens.take(x, j) for x in xs))
+        _, vjp = jax.vjp(block, list(ps), tuple(tokens.take(x, j) for x in xs))
         gs, dxs_j = vjp(dys_j)
-        gs = [constrain(g) for g in gs]
-        sums = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), sums, gs)
+        sums = [
+            jax.tree.map(lambda s, g: s + g.astype(jnp.float32), s, constrain(g))
+            for s, g in zip(sums, gs)
+        ]
         return (sums, tuple(tokens.put(d, d_j, j) for d, d_j in zip(dxs, dxs_j))), None
 
-    zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), ps)
-    init = ([constrain(z) for z in zeros], tuple(jnp.zeros_like(x) for x in xs))
-    return jax.lax.scan(body, init, jnp.arange(tokens.n))[0]
+    zeros = [constrain(jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), p)) for p in ps]
+    return jax.lax.scan(body, (zeros, tuple(jnp.zeros_like(x) for x in xs)), jnp.arange(tokens.n))[
+        0
+    ]
 
 
 def _index_after(i: jax.Array, deps) -> jax.Array:
@@ -300,14 +359,16 @@ def _untie(g_head: dict) -> tuple[dict, jax.Array | None]:
 
 def _measure_pass(rev: _Reverse, params, g_head: dict, sc: StepScalars):
     """The first reverse pass of a step that clips by the global norm or scales its loss, as
-    the paper's: every gradient's squared norm, summed, and whether all are finite; nothing is
-    updated. -> (sum of squares, finite)"""
+    the paper's: every base gradient's squared norm, summed (the LoRA factors' are not in it, as
+    in the authors' LoRA + LOMO), and whether all are finite; nothing is updated.
+    -> (sum of squares, finite)"""
     g_head, g_tied = _untie(g_head)
     p_stacks = flatten_dict(params["layers"])
 
     def measure_stage(acc, i, p, g):
         sumsq, ok = acc
-        sumsq = sumsq + global_norm_sq(g, sc.loss_scale)
+        base = {k: v for k, v in g.items() if not lora.is_factor(k)}
+        sumsq = sumsq + global_norm_sq(base, sc.loss_scale)
         return (sumsq, ok & all_finite(g)), sumsq
 
     acc = (global_norm_sq(g_head, sc.loss_scale), all_finite(g_head))
@@ -316,9 +377,11 @@ def _measure_pass(rev: _Reverse, params, g_head: dict, sc: StepScalars):
     return sumsq + global_norm_sq(g_emb, sc.loss_scale), finite & all_finite(g_emb)
 
 
-def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dict, sc):
+def _update_pass(rev: _Reverse, rule: UpdateRule | None, params, opt_state, g_head: dict, sc):
     """The reverse pass that updates: the head at once, each stage of each layer as its
-    gradients appear (in place, in the carried stacks), the embedding last. -> (params, state)"""
+    gradients appear (in place, in the carried stacks), the embedding last. The LoRA factors'
+    gradients are written into stacks of their own for after the scan; `rule` None (plain LoRA):
+    they are the only gradients taken. -> (params, state, the factors' gradients)"""
     g_head, g_tied = _untie(g_head)
     new_params, new_state = dict(params), dict(opt_state)
     for k, g in g_head.items():
@@ -326,37 +389,71 @@ def _update_pass(rev: _Reverse, rule: UpdateRule, params, opt_state, g_head: dic
     # The layers wait for the head's update, or its gradient (as big as the vocabulary table)
     # would be kept alive through the whole reverse scan.
     dh_L = _depends_on(rev.dh_L, [new_params[k] for k in g_head])
+    put = lambda stack, v, i: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
 
     def update_stage(acc, i, p, g):
-        put = lambda stack, v: jax.lax.dynamic_update_index_in_dim(stack, v, i, 0)  # noqa: E731
-        p_stacks, s_stacks = acc
+        p_stacks, s_stacks, g_stacks = acc
+        g_stacks = {**g_stacks, **{k: put(g_stacks[k], g[k], i) for k in p if lora.is_factor(k)}}
+        p = {k: w for k, w in p.items() if not lora.is_factor(k)}
+        if not p:
+            return (p_stacks, s_stacks, g_stacks), []
         s = {k: jax.tree.map(lambda a: a[i], s_stacks[k]) for k in p}
-        p, s = map_rule(rule, p, g, s, sc, "layers", i)
+        p, s = map_rule(rule, p, {k: g[k] for k in p}, s, sc, "layers", i)
         if rev.layout is None:  # on a mesh the pin makes XLA gather every weight of a layer
             p = {k: _row_major(v) for k, v in p.items()}
-        p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k]) for k in p}}
+        p_stacks = {**p_stacks, **{k: put(p_stacks[k], p[k], i) for k in p}}
         # The rule's state reads feed the weight update: state writes after weight writes.
         s = _depends_on(s, [p_stacks[k][i] for k in p])
-        s_stacks = {**s_stacks, **{k: jax.tree.map(put, s_stacks[k], s[k]) for k in p}}
+        s_stacks = {
+            **s_stacks,
+            **{k: jax.tree.map(lambda a, b: put(a, b, i), s_stacks[k], s[k]) for k in p},
+        }
         # Only the matrices' writes are waited for: a vector's gradient is tiny, and XLA turns a
         # read of an updated [L, D] stack into a read of the old one (a copy). Sharded, the read
         # would gather the stack (a partial slice of a split axis): the stages are left unordered
         # there, as each device holds only its share anyway.
         if rev.layout is not None:
-            return (p_stacks, s_stacks), []
+            return (p_stacks, s_stacks, g_stacks), []
         done = [_read_after_write(p_stacks[k], i) for k in p if p_stacks[k].ndim > 2]
-        return (p_stacks, s_stacks), done
+        return (p_stacks, s_stacks, g_stacks), done
 
-    p_stacks = flatten_dict(params["layers"])
-    s_stacks = flatten_dict(opt_state["layers"], is_leaf=lambda path, _: path in p_stacks)
-    stacks = (p_stacks, s_stacks)
-    (p_stacks, s_stacks), dh_0 = _reverse_layers(rev, update_stage, stacks, lambda a: a[0], dh_L)
-    new_params["layers"], new_state["layers"] = unflatten_dict(p_stacks), unflatten_dict(s_stacks)
+    # The base stacks are carried (updated in place); the factors are read as they were.
+    stacks = flatten_dict(params["layers"])
+    carried = {k: w for k, w in stacks.items() if not (rev.frozen or lora.is_factor(k))}
+    fixed = {k: w for k, w in stacks.items() if k not in carried}
+    base_state, factor_state = lora.split(opt_state["layers"])
+    s_stacks = flatten_dict(base_state, is_leaf=lambda path, _: path in carried)
+    g_stacks = {k: jnp.zeros(w.shape, w.dtype) for k, w in fixed.items() if lora.is_factor(k)}
+    (p_stacks, s_stacks, g_stacks), dh_0 = _reverse_layers(
+        rev, update_stage, (carried, s_stacks, g_stacks), lambda a: {**fixed, **a[0]}, dh_L
+    )
+    g_factors = {"layers": unflatten_dict(g_stacks)} if g_stacks else {}
+    if rev.frozen:
+        return new_params, new_state, g_factors
+    new_params["layers"] = unflatten_dict({**fixed, **p_stacks})
+    new_state["layers"] = lora.join(unflatten_dict(s_stacks), factor_state)
     g_emb = {"embedding": rev.embedding_grad(params["embed"]["embedding"], dh_0, g_tied)}
     new_params["embed"], new_state["embed"] = map_rule(
         rule, params["embed"], g_emb, opt_state["embed"], sc, "embed"
     )
-    return new_params, new_state
+    return new_params, new_state, g_factors
+
+
+def _update_factors(training: LoraTraining, params, opt_state, grads, step: jax.Array):
+    """AdamW on the LoRA factors from the gradients the reverse scan gathered. The factor rule's
+    norm clipping (plain LoRA's) covers every factor's gradient. -> (params, state, metrics)"""
+    base, factors = lora.split(params)
+    base_state, factor_state = lora.split(opt_state)
+    norm = jnp.sqrt(global_norm_sq(grads, 1.0))
+    sc = StepScalars(
+        lr=training.schedule(step),
+        t=step + 1,
+        clip_coef=clip_coefficient(training.rule, norm),
+        loss_scale=jnp.float32(1.0),
+    )
+    factors, factor_state = apply_updates(training.rule, factors, grads, factor_state, sc)
+    metrics = {"lora_lr": sc.lr, "lora_grad_norm": norm}
+    return lora.join(base, factors), lora.join(base_state, factor_state), metrics
 
 
 def _row_major(x: jax.Array) -> jax.Array:
@@ -379,11 +476,13 @@ def _forward(
     batch: Batch,
     scale: jax.Array,
     layout: Layout | None,
+    dropout_key: jax.Array | None,
+    frozen: bool,
     offload_inputs: bool = False,
 ):
     """The forward pass, saving each layer's input (in host memory with `offload_inputs`), then
-    the head's loss and gradients (of loss x `scale`, 1 unless float16). -> (loss, the head's
-    gradients, what the reverse passes walk)"""
+    the head's loss and gradients (of loss x `scale`, 1 unless float16; none for a `frozen`
+    base). -> (loss, the head's gradients, what the reverse passes walk)"""
     positions, mask = batch_inputs(batch)
     ids, targets = batch.input_ids, next_token_targets(batch.labels)
     split = layout.sequence_split(ids.shape) if layout is not None else None
@@ -397,19 +496,30 @@ def _forward(
     h_0 = h_0 if split is None else split.constrain(h_0)
     store = offload.to_host if offload_inputs else None
     h_L, hs = decoder_layers(
-        cfg, params["layers"], h_0, positions, mask, keep_inputs=True, store=store
+        cfg,
+        params["layers"],
+        h_0,
+        positions,
+        mask,
+        keep_inputs=True,
+        store=store,
+        dropout_key=dropout_key,
     )
-    loss, g_head, dh_L = head_loss_and_grads(cfg, _head_params(cfg, params), h_L, targets, scale)
+    loss, g_head, dh_L = head_loss_and_grads(
+        cfg, _head_params(cfg, params), h_L, targets, scale, weight_grads=not frozen
+    )
     # The reverse pass shards its gradients over a mesh of several devices; on one device it
     # orders the stages' updates and pins their layout (what no mesh would do there either).
     sharded = layout if layout is not None and layout.mesh.size > 1 else None
-    rev = _Reverse(cfg, ids, positions, mask, hs, dh_L, sharded, offload_inputs)
+    rev = _Reverse(
+        cfg, ids, positions, mask, hs, dh_L, sharded, dropout_key, frozen, offload_inputs
+    )
     return loss, g_head, rev
 
 
 def fused_step(
     cfg: LlamaConfig,
-    rule: UpdateRule,
+    rule: UpdateRule | None,
     schedule: Schedule,
     state: TrainState,
     batch: Batch,
@@ -417,6 +527,7 @@ def fused_step(
     layout: Layout | None = None,
     rounding: str = "stochastic",
     seed: int = 0,
+    lora_training: LoraTraining | None = None,
     offload_activations: bool = False,
 ):
     """One fused training step -> (new state, metrics); `make_fused_step` jits it.
@@ -424,7 +535,8 @@ def fused_step(
     Args:
         cfg: the model's config (static).
         rule: the update rule: `optim.Lomo` or `optim.AdaLomo`, with its weight decay and
-            clipping (norm clipping costs a first reverse pass that measures the norm).
+            clipping (norm clipping costs a first reverse pass that measures the norm); None:
+            the base weights are frozen and get no gradient (plain LoRA).
         schedule: the learning rate as a function of the steps taken (`schedule.Schedule`).
         state: params, optimizer state, steps taken and loss scale (`state.TrainState`).
         batch: `loss.Batch` of [B, T] int32 arrays; labels -100 carry no loss.
@@ -433,14 +545,21 @@ def fused_step(
         layout: the mesh the state is sharded over (`sharding.Layout`); None: one device.
         rounding: how 16-bit weights take their float32 update: `stochastic` (random bits from
             `seed` and the step) or `nearest` (`lomo_jax.rounding`); no effect in float32.
-        seed: the stochastic rounding's seed.
+        seed: the stochastic rounding's and the LoRA dropout's seed.
+        lora_training: how to train the LoRA factors of a model with `cfg.lora` (AdamW after the
+            scan; None: the model has none).
         offload_activations: keep the saved layer inputs in host memory (`lomo_jax.offload`).
 
-    Metrics: `loss`, `lr`, `loss_scale`; `grad_norm` with norm clipping or loss scaling;
-    `overflow` with loss scaling.
+    Metrics: `loss`, `lr`, `loss_scale`; `grad_norm` with norm clipping or loss scaling (of the
+    base weights' gradients); `overflow` with loss scaling; `lora_lr`, `lora_grad_norm` with LoRA.
     """
     params = state.params
-    loss, g_head, rev = _forward(cfg, params, batch, state.scale.scale, layout, offload_activations)
+    frozen = rule is None
+    dropout = cfg.lora is not None and cfg.lora.dropout > 0
+    dropout_key = lora.dropout_key(seed, state.step) if dropout else None
+    loss, g_head, rev = _forward(
+        cfg, params, batch, state.scale.scale, layout, dropout_key, frozen, offload_activations
+    )
     sc = StepScalars(
         lr=schedule(state.step),
         t=state.step + 1,
@@ -450,12 +569,17 @@ def fused_step(
     )
     metrics = {"loss": loss, "lr": sc.lr, "loss_scale": state.scale.scale}
     finite = jnp.bool_(True)
-    if rule.clip_grad_norm is not None or loss_scale is not None:
+    if not frozen and (rule.clip_grad_norm is not None or loss_scale is not None):
         sumsq, finite = _measure_pass(rev, params, g_head, sc)
         norm = jnp.sqrt(sumsq)
         sc = sc._replace(clip_coef=clip_coefficient(rule, norm))
         metrics["grad_norm"] = norm
-    new_params, new_state = _update_pass(rev, rule, params, state.opt_state, g_head, sc)
+    new_params, new_state, g_factors = _update_pass(rev, rule, params, state.opt_state, g_head, sc)
+    if lora_training is not None:
+        new_params, new_state, lora_metrics = _update_factors(
+            lora_training, new_params, new_state, g_factors, state.step
+        )
+        metrics.update(lora_metrics)
     scale = state.scale
     if loss_scale is not None:
         # An overflow skips the whole step: every tensor keeps its old value, bit for bit.
@@ -466,18 +590,22 @@ def fused_step(
         metrics["overflow"] = ~finite
     if layout is not None:  # the next step (and the donation) expects the same layout
         new_params = jax.lax.with_sharding_constraint(new_params, layout.params(params))
-        new_state = jax.lax.with_sharding_constraint(new_state, layout.opt_state(rule, params))
+        factor_rule = lora_training and lora_training.rule
+        new_state = jax.lax.with_sharding_constraint(
+            new_state, opt_state_shardings(layout, rule, factor_rule, params)
+        )
     return TrainState(new_params, new_state, state.step + 1, scale), metrics
 
 
 def make_fused_step(
     cfg: LlamaConfig,
-    rule: UpdateRule,
+    rule: UpdateRule | None,
     schedule: Schedule,
     loss_scale: DynamicLossScale | None = None,
     layout: Layout | None = None,
     rounding: str = "stochastic",
     seed: int = 0,
+    lora_training: LoraTraining | None = None,
     offload_activations: bool = False,
 ):
     """`fused_step` jitted, `(state, batch) -> (state, metrics)`, with the state donated (its
@@ -492,6 +620,7 @@ def make_fused_step(
         layout=layout,
         rounding=rounding,
         seed=seed,
+        lora_training=lora_training,
         offload_activations=offload_activations,
     )
     return jit(step, devices=layout and layout.mesh.devices.flat, donate_argnums=0)

@@ -117,12 +117,18 @@ def head_nll(cfg: LlamaConfig, params, h_BTD: jax.Array, labels_BT: jax.Array) -
 
 
 def head_loss_and_grads(
-    cfg: LlamaConfig, hp: dict, h_BTD: jax.Array, targets_BT: jax.Array, cotangent: jax.Array
+    cfg: LlamaConfig,
+    hp: dict,
+    h_BTD: jax.Array,
+    targets_BT: jax.Array,
+    cotangent: jax.Array,
+    weight_grads: bool = True,
 ):
     """Mean loss, the gradients of `cotangent` x loss for the head's weights `hp` (final norm and
-    output projection, in their own dtype, as a framework's `.grad`) and for `h_BTD`.
-    `targets_BT`: each position's target (`next_token_targets` of the labels; the positions may
-    be in any order, as a split sequence's are).
+    output projection, in their own dtype, as a framework's `.grad`; none without
+    `weight_grads`, for a frozen head) and for `h_BTD`. `targets_BT`: each position's target
+    (`next_token_targets` of the labels; the positions may be in any order, as a split
+    sequence's are).
 
     A first pass over the vocabulary pieces finds each position's logsumexp, a second recomputes
     each piece's logits, writes its columns' gradient (complete: one matmul over every position)
@@ -146,7 +152,9 @@ def head_loss_and_grads(
         dlogits_BTV = ((probs_BTV - onehot_BTV) * scale_BT[..., None]).astype(x_BTD.dtype)
         # In the weight's dtype: the matmul accumulates in float32 either way, and XLA:CPU has no
         # 16-bit matmul with a float32 result in every layout (the tied one's).
-        if tied:
+        if not weight_grads:
+            pass
+        elif tied:
             g_VD = jnp.einsum("btd,btv->vd", x_BTD, dlogits_BTV, preferred_element_type=w.dtype)
             g_w = blocks.put(g_w, g_VD, j, 0)
         else:
@@ -158,13 +166,15 @@ def head_loss_and_grads(
         )
         return (g_w, dx_BTD), None
 
-    init = (jnp.zeros(w.shape, w.dtype), jnp.zeros(x_BTD.shape, jnp.float32))
-    (g_w, dx_BTD), _ = jax.lax.scan(body, init, jnp.arange(n))
+    g_w = jnp.zeros(w.shape if weight_grads else (), w.dtype)
+    (g_w, dx_BTD), _ = jax.lax.scan(body, (g_w, jnp.zeros(x_BTD.shape, jnp.float32)), jnp.arange(n))
     g_norm, dh_BTD = norm_vjp(dx_BTD.astype(x_BTD.dtype))
     grads = {
         "norm": g_norm,
         **({"embed": {"embedding": g_w}} if tied else {"lm_head": {"kernel": g_w}}),
     }
+    if not weight_grads:
+        grads = {}
     loss = jnp.sum((lse_BT - picked_BT) * valid_BT) / count
     return loss, grads, dh_BTD
 

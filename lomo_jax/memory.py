@@ -29,8 +29,11 @@ from lomo_jax.model import param_shapes
 from lomo_jax.sharding import Layout, abstract
 from lomo_jax.train_step import StepOptions, abstract_batch, abstract_state, make_train_step
 
-METHODS = ("inference", "fused-lomo", "fused-adalomo", "sgd", "adamw")
-SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo")
+# A model with LoRA factors (`cfg.lora`) plans the fused methods as LoRA + LOMO / AdaLomo (the
+# LOMO paper's hybrid) and `lora` as plain LoRA (the base frozen).
+METHODS = ("inference", "fused-lomo", "fused-adalomo", "lora", "sgd", "adamw")
+SHARDED_METHODS = ("inference", "fused-lomo", "fused-adalomo", "lora")
+FUSED_METHODS = ("fused-lomo", "fused-adalomo", "lora")  # the fused engine's: they can offload
 
 
 MAX_TOKENS = 2**31 - 1  # in one step
@@ -177,7 +180,7 @@ def step_options(
     """The options `lomo-jax train` gives the step of `method` (a METHODS name but inference) by
     default, in `dtype` (float16 scales the loss), the layer inputs offloaded or not."""
     return StepOptions(
-        optimizer=method.removeprefix("fused-"),
+        optimizer="none" if method == "lora" else method.removeprefix("fused-"),
         loss_scaling=jnp.dtype(dtype) == jnp.float16,
         rounding=rounding,
         offload_activations=offload,
@@ -210,9 +213,10 @@ def lower(
         raise PlanError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if layout.mesh.size > 1 and method not in SHARDED_METHODS:
         raise PlanError(f"{method}: sharded plans exist for {', '.join(SHARDED_METHODS)}")
-    if offload and not method.startswith("fused-"):
-        raise PlanError(f"{method}: only the fused steps offload their layer inputs")
-    step = make_train_step(step_options(method, dtype, rounding, offload), cfg, layout)
+    try:
+        step = make_train_step(step_options(method, dtype, rounding, offload), cfg, layout)
+    except ValueError as e:  # LoRA with a method that has none, or the reverse; offload unfused
+        raise PlanError(f"{method}: {e}") from None
     return step.step.lower(abstract_state(step.init, params), batch), params
 
 
@@ -254,6 +258,7 @@ def analyze(
         "dtype": jnp.dtype(dtype).name,
         "rounding": rounding,
         "devices": layout.mesh.size if layout else 1,
+        "lora_rank": cfg.lora.rank if cfg.lora else 0,
     }
 
 
@@ -297,6 +302,6 @@ def plan(
         return {**row, "target": target, "device_bytes": usable, "fits": fits}
 
     row = one(offload == "on")
-    if offload == "auto" and not row["fits"] and method.startswith("fused-"):
+    if offload == "auto" and not row["fits"] and method in FUSED_METHODS:
         row = one(True)
     return row

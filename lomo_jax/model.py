@@ -32,9 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lomo_jax import attention, compiler
+from lomo_jax import attention, compiler, lora
 from lomo_jax.attention import Mask
 from lomo_jax.config import LlamaConfig
+from lomo_jax.lora import LoraConfig
+from lomo_jax.rounding import random_bits
 from lomo_jax.token_blocks import TokenBlocks, map_tokens
 
 Params = dict[str, Any]
@@ -104,8 +106,39 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     return _dense_dot(lhs, rhs)
 
 
-def dense(features: int, use_bias: bool) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dot_general=_dense_dot_general)
+class Dense(nn.Dense):
+    """nn.Dense (through `_dense_dot`), with LoRA factors beside the kernel when `lora` is set:
+    y = x W + b + (alpha / r) dropout(x) A B, the LoRA path in float32 as peft computes it
+    (lomo_jax.lora). Dropout needs the `lora_dropout` rng; without it (evaluation) there is none.
+    Its bits are `rounding.random_bits`: elementwise in each element's index, so they fuse and
+    are the same on any mesh."""
+
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = super().__call__(x)
+        if self.lora is None:
+            return y
+        r, p = self.lora.rank, self.lora.dropout
+        a = self.param("lora_a", lora.kaiming_uniform(), (x.shape[-1], r), lora.DTYPE)
+        b = self.param("lora_b", nn.initializers.zeros, (r, self.features), lora.DTYPE)
+        x = x.astype(lora.DTYPE)
+        if p and self.has_rng("lora_dropout"):
+            keep = random_bits(self.make_rng("lora_dropout"), x.shape) >= np.uint32(p * 2**32)
+            x = jnp.where(keep, x / (1 - p), 0.0)
+        return (y.astype(lora.DTYPE) + self.lora.scale * ((x @ a) @ b)).astype(y.dtype)
+
+
+def dense(cfg: LlamaConfig, name: str, features: int, use_bias: bool) -> Dense:
+    """Projection `name` (q_proj, ...), with LoRA factors if the config's LoRA targets it."""
+    targeted = cfg.lora is not None and name in cfg.lora.targets
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dot_general=_dense_dot_general,
+        lora=cfg.lora if targeted else None,
+    )
 
 
 class RMSNorm(nn.Module):
@@ -134,8 +167,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         H, KVH, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv = cfg.qkv_bias
-        self.q_proj, self.k_proj = dense(H * K, qkv), dense(KVH * K, qkv)
-        self.v_proj, self.o_proj = dense(KVH * K, qkv), dense(cfg.hidden_size, cfg.attention_bias)
+        self.q_proj = dense(cfg, "q_proj", H * K, qkv)
+        self.k_proj = dense(cfg, "k_proj", KVH * K, qkv)
+        self.v_proj = dense(cfg, "v_proj", KVH * K, qkv)
+        self.o_proj = dense(cfg, "o_proj", cfg.hidden_size, cfg.attention_bias)
         if cfg.qk_norm:  # Qwen3: each head of q and k normalized before RoPE
             self.q_norm, self.k_norm = RMSNorm(cfg.rms_norm_eps), RMSNorm(cfg.rms_norm_eps)
 
@@ -170,8 +205,9 @@ class MLP(nn.Module):
     def setup(self):
         cfg = self.cfg
         bias, inter = cfg.mlp_bias, cfg.intermediate_size
-        self.gate_proj, self.up_proj = dense(inter, bias), dense(inter, bias)
-        self.down_proj = dense(cfg.hidden_size, bias)
+        self.gate_proj = dense(cfg, "gate_proj", inter, bias)
+        self.up_proj = dense(cfg, "up_proj", inter, bias)
+        self.down_proj = dense(cfg, "down_proj", cfg.hidden_size, bias)
 
     def expand(self, x_BTD):
         return self.gate_proj(x_BTD), self.up_proj(x_BTD)
@@ -242,12 +278,24 @@ LAYER_BLOCKS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def layer_stage(cfg: LlamaConfig, name: str, positions_BT: jax.Array | None, mask: Mask | None):
+def _rngs(dropout_key: jax.Array | None) -> dict:
+    """A layer's rngs: its LoRA dropout key (one per layer and step; None: no dropout)."""
+    return {} if dropout_key is None else {"lora_dropout": dropout_key}
+
+
+def layer_stage(
+    cfg: LlamaConfig,
+    name: str,
+    positions_BT: jax.Array | None,
+    mask: Mask | None,
+    dropout_key: jax.Array | None = None,
+):
     """Stage `name` of LAYER_BLOCKS as a pure function (its weights, its inputs) -> its outputs.
-    The MLP's stages work token by token and read neither `positions_BT` nor `mask`."""
+    With the layer's `dropout_key`, its LoRA dropout masks are those of `decoder_layer`'s. The
+    MLP's stages work token by token and read neither `positions_BT` nor `mask`."""
     method = getattr(DecoderLayer, name)
     return lambda p, xs: DecoderLayer(cfg).apply(
-        {"params": p}, *xs, positions_BT, mask, method=method
+        {"params": p}, *xs, positions_BT, mask, method=method, rngs=_rngs(dropout_key)
     )
 
 
@@ -269,12 +317,30 @@ def mlp_tokens(cfg: LlamaConfig, batch: int, length: int, mask: Mask) -> TokenBl
     return tokens if tokens.n >= MIN_TOKEN_BLOCKS else TokenBlocks.of(length, length, shards)
 
 
-def mlp_block(cfg: LlamaConfig, p_layer: Params, h_BTD: jax.Array, mask: Mask) -> jax.Array:
-    """One layer's MLP block (norm, SwiGLU, residual), in the blocks of tokens of `mlp_tokens`."""
-    f = lambda h: DecoderLayer(cfg).apply(  # noqa: E731
-        {"params": p_layer}, h, None, None, method=DecoderLayer.mlp_block
-    )
-    return map_tokens(f, h_BTD, mlp_tokens(cfg, *h_BTD.shape[:2], mask))
+def mlp_block(
+    cfg: LlamaConfig,
+    p_layer: Params,
+    h_BTD: jax.Array,
+    mask: Mask,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """One layer's MLP block (norm, SwiGLU, residual), in the blocks of tokens of `mlp_tokens`,
+    block j's LoRA dropout drawn from `token_block_key(dropout_key, j)`."""
+    tokens = mlp_tokens(cfg, *h_BTD.shape[:2], mask)
+
+    def f(h, j):
+        rngs = _rngs(token_block_key(dropout_key, j, tokens))
+        return DecoderLayer(cfg).apply(
+            {"params": p_layer}, h, None, None, method=DecoderLayer.mlp_block, rngs=rngs
+        )
+
+    return map_tokens(f, h_BTD, tokens)
+
+
+def token_block_key(key: jax.Array | None, j: jax.Array, tokens: TokenBlocks):
+    """Block j's LoRA dropout key (dropout bits are a function of an element's index in its
+    block: each block its own key); the layer's key itself when the MLP runs whole."""
+    return key if key is None or tokens.n == 1 else jax.random.fold_in(key, j)
 
 
 # ---- the pure pieces ------------------------------------------------------------------------
@@ -288,12 +354,14 @@ def decoder_layer(
     h_BTD: jax.Array,
     positions_BT: jax.Array,
     mask: Mask,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis)."""
-    return _layer(cfg, p_layer, h_BTD, positions_BT, mask)[0]
+    """One decoder layer; `p_layer` is one slice of `params["layers"]` (no layer axis);
+    `dropout_key` draws its LoRA dropout (None: none, as in evaluation)."""
+    return _layer(cfg, p_layer, h_BTD, positions_BT, mask, dropout_key=dropout_key)[0]
 
 
-def _layer(cfg, p_layer, h_BTD, positions_BT, mask, cache=None, index=None):
+def _layer(cfg, p_layer, h_BTD, positions_BT, mask, cache=None, index=None, dropout_key=None):
     """decoder_layer with an optional KV cache -> (output, the cache): attention, then the MLP
     in blocks of tokens."""
     h_BTD, cache = DecoderLayer(cfg).apply(
@@ -304,8 +372,9 @@ def _layer(cfg, p_layer, h_BTD, positions_BT, mask, cache=None, index=None):
         cache,
         index,
         method=DecoderLayer.attention_block,
+        rngs=_rngs(dropout_key),
     )
-    return mlp_block(cfg, p_layer, h_BTD, mask), cache
+    return mlp_block(cfg, p_layer, h_BTD, mask, dropout_key), cache
 
 
 def head_weight(cfg: LlamaConfig, params: Params) -> jax.Array:
@@ -349,6 +418,7 @@ def decoder_layers(
     remat: bool = False,
     keep_inputs: bool = False,
     store: Callable[[jax.Array], jax.Array] | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
     """The stacked layers `p_layers` ([L, ...] leaves) over h_BTD, one `lax.scan` -> (the last
     layer's output, what each layer gives besides).
@@ -356,22 +426,31 @@ def decoder_layers(
     With a `cache` (a KVCache of [L, ...] stacks, the new tokens at `index`) each layer reads and
     fills its slice and the second result is the new cache. `keep_inputs`: the second result is
     every layer's input [L, B, T, D] (the fused engine's saved activations), each as `store`
-    gives it (`lomo_jax.offload.to_host`: in host memory). `remat`: a layer's
-    activations are recomputed for `jax.grad` instead of kept (only the layer inputs are)."""
+    gives it (`lomo_jax.offload.to_host`: in host memory). `remat`: a layer's activations are
+    recomputed for `jax.grad` instead of kept (only the layer inputs are). `dropout_key`: LoRA
+    dropout, layer i's drawn from `layer_dropout_key(dropout_key, i)`."""
 
-    def layer(p, h, kv):
-        return _layer(cfg, p, h, positions_BT, mask, kv, index)
+    def layer(p, h, kv, i):
+        key = None if dropout_key is None else layer_dropout_key(dropout_key, i)
+        return _layer(cfg, p, h, positions_BT, mask, kv, index, key)
 
     if remat:
         layer = jax.checkpoint(layer)
 
     def body(h, layer_slices):
-        p, kv = layer_slices
-        out, kv = layer(p, h, kv)
+        p, kv, i = layer_slices
+        out, kv = layer(p, h, kv, i)
         kept = h if store is None else store(h)
         return out, (kept if keep_inputs else kv)
 
-    return jax.lax.scan(body, h_BTD, (p_layers, cache))
+    idx = None if dropout_key is None else jnp.arange(cfg.num_hidden_layers)
+    return jax.lax.scan(body, h_BTD, (p_layers, cache, idx))
+
+
+def layer_dropout_key(key: jax.Array, i: jax.Array) -> jax.Array:
+    """Layer i's LoRA dropout key of a step's `key`: the forward and the fused backward's
+    recomputation draw the same masks."""
+    return jax.random.fold_in(key, i)
 
 
 def hidden_states(
@@ -414,7 +493,16 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> Params:
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": init(k_head, (cfg.hidden_size, cfg.vocab_size), jnp.float32)}
-    return jax.tree.map(lambda x: x.astype(dtype), params)
+    return cast(params, dtype)
+
+
+def cast(params: Params, dtype) -> Params:
+    """The weights as `dtype` (sharded ones keep their sharding); LoRA factors stay float32."""
+
+    def one(path, x):
+        return x if lora.is_factor(tuple(getattr(k, "key", k) for k in path)) else x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def param_shapes(cfg: LlamaConfig, dtype=jnp.float32) -> Params:

@@ -208,6 +208,36 @@ class AdaLomo:
         return w, {"row": row, "col": col}
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """AdamW as torch.optim.AdamW and optax.adamw compute it (decoupled weight decay, bias-corrected
+    moments, eps outside the square root), for the few tensors that keep full state: the LoRA
+    factors. `sc.t` is the step count (1 on the first step)."""
+
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, p: jax.Array) -> State:
+        return {"mu": jnp.zeros(p.shape, jnp.float32), "nu": jnp.zeros(p.shape, jnp.float32)}
+
+    def state_axes(self, axes):
+        return {"mu": axes, "nu": axes}
+
+    def update(self, p, g, s, sc, key=None):
+        g = prepare_grad(g, sc, self.clip_grad_value)
+        mu = self.b1 * s["mu"] + (1.0 - self.b1) * g
+        nu = self.b2 * s["nu"] + (1.0 - self.b2) * g * g
+        t = sc.t.astype(jnp.float32)
+        mu_hat, nu_hat = mu / (1.0 - self.b1**t), nu / (1.0 - self.b2**t)
+        w = p.astype(jnp.float32)
+        w = w - sc.lr * (mu_hat / (jnp.sqrt(nu_hat) + self.eps) + self.weight_decay * w)
+        return round_to(w, p.dtype, key), {"mu": mu, "nu": nu}
+
+
 def _key(sc: StepScalars, name: str, layer: jax.Array | None) -> jax.Array | None:
     """The rounding key of tensor `name` (of layer `layer` if stacked) in this step."""
     return None if sc.key is None else tensor_key(sc.key, name, layer)

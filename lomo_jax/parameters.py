@@ -2,8 +2,9 @@
 name, its logical axes, whether it is stacked per layer, which stage of the decoder layer reads
 it, and when a model has it.
 
-The converters (`convert.layout`), the sharding rules (`sharding.param_axes`), the optimizer's
-per-layer state (`optim`) and the fused engine's per-stage weights (`engine`) all read this table;
+The converters (`convert.layout`, `convert.peft`), the sharding rules (`sharding.param_axes`), the
+optimizer's per-layer state (`optim`) and the fused engine's per-stage weights (`engine`) all read
+this table;
 tests/test_families.py checks it against the tree the Flax model creates for every family, so
 the two cannot drift. A new tensor is one row here plus the module that creates it.
 
@@ -29,6 +30,7 @@ class Param:
     axes: tuple[str, ...]  # logical axes (without the layer axis of a stacked tensor)
     stage: str | None = None  # the stage of model.LAYER_BLOCKS that reads it (per-layer only)
     when: str | None = None  # a config attribute that must hold ("not x": must not); None: always
+    adapts: str | None = None  # a LoRA factor: the name of the weight it adapts (lomo_jax.lora)
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -40,10 +42,13 @@ class Param:
 
     @property
     def transposed(self) -> bool:
-        """A Flax kernel [in, out] is the transpose of the torch Linear weight [out, in]."""
-        return self.path[-1] == "kernel"
+        """A Flax kernel [in, out] is the transpose of the torch Linear weight [out, in]; so are
+        the LoRA factors A [in, r] and B [r, out] of peft's lora_A [r, in] and lora_B [out, r]."""
+        return self.path[-1] in ("kernel", "lora_a", "lora_b")
 
     def exists(self, cfg: LlamaConfig) -> bool:
+        if self.adapts is not None:  # a factor of a projection the config's LoRA targets
+            return cfg.lora is not None and self.path[-2] in cfg.lora.targets
         if self.when is None:
             return True
         negate = self.when.startswith("not ")
@@ -70,6 +75,7 @@ def axis_sizes(cfg: LlamaConfig) -> dict[str, int]:
         "kv_heads": cfg.num_key_value_heads * cfg.head_dim,
         "head_dim": cfg.head_dim,
         "mlp": cfg.intermediate_size,
+        "lora_rank": cfg.lora.rank if cfg.lora is not None else 0,
     }
 
 
@@ -77,7 +83,7 @@ _L = "model.layers.{i}."
 # One row per line (the file is exempt from the line length): path, Hugging Face name, logical
 # axes, the layer stage that reads it, the config attribute it exists under.
 # fmt: off
-TABLE: tuple[Param, ...] = (
+_MODEL: tuple[Param, ...] = (
     Param("embed.embedding", "model.embed_tokens.weight", ("vocab", "embed")),
     # decoder layer i, in the order its stages read them
     Param("layers.input_layernorm.weight", _L + "input_layernorm.weight", ("norm",), "attention_norm"),
@@ -103,6 +109,30 @@ TABLE: tuple[Param, ...] = (
     Param("lm_head.kernel", "lm_head.weight", ("embed", "vocab"), when="not tie_word_embeddings"),
 )
 # fmt: on
+
+PEFT_PREFIX = "base_model.model."  # peft's names: the wrapped model's, under this prefix
+
+
+def _lora_rows(w: Param) -> tuple[Param, Param]:
+    """The LoRA factors of stacked matrix `w` [in, out]: A [in, r] and B [r, out] (peft's
+    `lora_A` / `lora_B` of the module), read by w's stage. Each keeps w's axis on its side, so it
+    is sharded as w is there; the rank axis stays whole."""
+    module = w.name.removesuffix(".kernel")
+    stem = PEFT_PREFIX + w.hf_name.removesuffix(".weight")
+    a_in, out = w.axes
+    return (
+        Param(
+            f"{module}.lora_a", f"{stem}.lora_A.weight", (a_in, "lora_rank"), w.stage, adapts=w.name
+        ),
+        Param(
+            f"{module}.lora_b", f"{stem}.lora_B.weight", ("lora_rank", out), w.stage, adapts=w.name
+        ),
+    )
+
+
+TABLE: tuple[Param, ...] = _MODEL + tuple(
+    row for w in _MODEL if w.per_layer and w.path[-1] == "kernel" for row in _lora_rows(w)
+)
 BY_NAME: dict[str, Param] = {p.name: p for p in TABLE}
 
 

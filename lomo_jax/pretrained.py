@@ -16,7 +16,7 @@ from lomo_jax.config import LlamaConfig
 from lomo_jax.generate import GenerateError, generate
 from lomo_jax.generation_config import GenerationConfig
 from lomo_jax.lock import claim
-from lomo_jax.model import forward, param_shapes
+from lomo_jax.model import cast, forward, param_shapes
 from lomo_jax.sharding import Layout, abstract, put
 from lomo_jax.tokenizer import Tokenizer, TokenizerError, tokenizer_from
 
@@ -180,7 +180,7 @@ def _read(path: Path, tokenizer, dtype, layout) -> tuple[LlamaConfig, Any, list[
     if checkpoint.is_checkpoint(path):
         cfg, params, files = checkpoint.load_pretrained(path, layout and layout.param)
         if dtype is not None:
-            params = jax.tree.map(lambda x: x.astype(dtype), params)  # keeps the sharding
+            params = cast(params, dtype)
         return cfg, params, files
     from convert import load
 

@@ -1,13 +1,13 @@
 """What a run resumes with: the options it may change, and those it keeps.
 
 A run's checkpoints hold its weights and optimizer state, so the options that made them stay the
-run's (`FIXED`: the model and its tokenizer, the weights' dtype, the optimizer; and the checkpoint
-it began from, if another run's). Everything else
-says how the run goes on and may change when it resumes, given as flags or in a `--config` file
-alike: the steps and the learning-rate schedule, validation and checkpoint cadence, the data of a
-continued run, batch and sequence length, seed, rounding, the mesh, host offload. A change of a
-fixed option is refused with one line before anything is read or written; the changes taken are
-logged.
+run's (`FIXED`: the model and its tokenizer, the weights' dtype, the optimizer, the LoRA factors'
+shape and the adapter they began from; and the checkpoint it began from, if another run's).
+Everything else says how the run goes on and may change when it resumes, given as flags or in a
+`--config` file alike: the steps and the learning-rate schedules (the factors' AdamW's too),
+validation and checkpoint cadence, the data of a continued run, batch and sequence length, seed,
+rounding, LoRA dropout, the mesh, host offload. A change of a fixed option is refused with one
+line before anything is read or written; the changes taken are logged.
 
 A run stays in its directory: going back to an earlier step is a new run started from one of its
 checkpoints (`--from-checkpoint`), never a rewrite of its history.
@@ -34,6 +34,10 @@ FIXED = {
     "tokenizer": "its data were tokenized with it",
     "dtype": "its checkpoints hold weights of that dtype",
     "optimizer": "its checkpoints hold that optimizer's state",
+    "lora_rank": "its checkpoints hold LoRA factors of that rank",
+    "lora_alpha": "its factors were trained at that scale (alpha / rank)",
+    "lora_targets": "its checkpoints hold the factors of those projections",
+    "adapter": "its factors began from that adapter",
     "from_checkpoint": "that is where the run began",
 }
 PATHS = (
@@ -43,6 +47,7 @@ PATHS = (
     "template",
     "chat_template",
     "tokenizer",
+    "adapter",
     "out",
     "from_checkpoint",
 )
@@ -99,7 +104,7 @@ def resumed_options(
             continue
         if name in FIXED and not _moved(name, saved.get(name)):
             source = f"{where[name]}: {name}" if name in where else _flag(name)
-            kept = saved.get(name) or "its model's" if name == "tokenizer" else saved.get(name)
+            kept = saved.get(name) or ("its model's" if name == "tokenizer" else "none")
             raise ResumeError(
                 f"{source}: a resumed run keeps its {name} ({kept}): {FIXED[name]}; "
                 "start a new run for another"

@@ -44,6 +44,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("fsdp",),
     "norm": (),
     "head_dim": (),
+    "lora_rank": (),  # a LoRA factor's rank axis: tiny, kept whole
     "layers": (),
 }
 

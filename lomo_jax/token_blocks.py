@@ -59,13 +59,15 @@ class TokenBlocks:
         return blocks.put(self._shards(x), new, j, 2).reshape(x.shape)
 
 
-def map_tokens(f: Callable[[jax.Array], jax.Array], x: jax.Array, tb: TokenBlocks) -> jax.Array:
-    """`f(x)` for a per-token `f` ([B, t, ...] -> [B, t, ...]), one block of tokens at a time
-    (a `lax.scan`; `f` itself when there is one block)."""
+def map_tokens(
+    f: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, tb: TokenBlocks
+) -> jax.Array:
+    """`f(x)` for a per-token `f(block, j)` ([B, t, ...] -> [B, t, ...]; j: the block's index),
+    one block of tokens at a time (a `lax.scan`; `f(x, 0)` when there is one block)."""
     if tb.n == 1:
-        return f(x)
-    out = jax.eval_shape(f, jax.ShapeDtypeStruct(tb.take(x, 0).shape, x.dtype))
+        return f(x, jnp.int32(0))
+    out = jax.eval_shape(f, jax.ShapeDtypeStruct(tb.take(x, 0).shape, x.dtype), jnp.int32(0))
     init = jnp.zeros((x.shape[0], x.shape[1], *out.shape[2:]), out.dtype)
     return jax.lax.scan(
-        lambda y, j: (tb.put(y, f(tb.take(x, j)), j), None), init, jnp.arange(tb.n)
+        lambda y, j: (tb.put(y, f(tb.take(x, j), j), j), None), init, jnp.arange(tb.n)
     )[0]

@@ -28,6 +28,7 @@ from lomo_jax.distributed import any_process, is_primary
 from lomo_jax.errors import UserError
 from lomo_jax.evaluate import evaluate_loss
 from lomo_jax.inputs import load_yaml, shown, text_problem
+from lomo_jax.lora import LoraConfig, LoraConfigError, init_factors, join
 from lomo_jax.packing import SIDES
 from lomo_jax.pretrained import LlamaModel, from_pretrained, read_weights
 from lomo_jax.progress import ProgressBar, peak_memory_bytes, plot_losses
@@ -51,7 +52,7 @@ from lomo_jax.rundir import (
     step_of,
 )
 from lomo_jax.schedule import SCHEDULES
-from lomo_jax.sharding import Layout, MeshError
+from lomo_jax.sharding import Layout, MeshError, abstract, put
 from lomo_jax.state import NonFiniteError, TrainState
 from lomo_jax.tokenizer import CHAT_TEMPLATE_FILE
 from lomo_jax.train_step import DTYPES, OPTIMIZERS, StepOptions, abstract_state, make_train_step
@@ -93,6 +94,11 @@ _AT_LEAST = {
     "warmup_steps": 0,
     "seed": 0,
     "gradient_accumulation_steps": 1,
+    "lora_rank": 0,
+    "lora_warmup_steps": 0,
+    "lora_dropout": 0,
+    "lora_lr": 0,
+    "lora_weight_decay": 0,
     "eval_every": 0,
     "save_every": 0,
     "keep_checkpoints": 0,
@@ -107,6 +113,8 @@ _AT_MOST = dict.fromkeys(
         "seq_len",
         "warmup_steps",
         "gradient_accumulation_steps",
+        "lora_rank",
+        "lora_warmup_steps",
         "eval_every",
         "save_every",
         "keep_checkpoints",
@@ -181,6 +189,16 @@ class TrainConfig:
     mesh: str | None = None  # e.g. "fsdp=8", "data=2,fsdp=4"; default: every device on fsdp
     from_checkpoint: str | None = None  # a new run from another run's checkpoint (`resume`)
     offload_activations: bool = False  # the fused step's saved layer inputs in host memory
+    # LoRA (lomo_jax.lora): fresh factors of this rank (0: none), or a peft adapter to start from
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default 2 x rank
+    lora_targets: str = "q_proj,v_proj"
+    lora_dropout: float = 0.0
+    adapter: str | None = None
+    lora_lr: float = 5e-4
+    lora_schedule: str | None = None  # default: --schedule's
+    lora_warmup_steps: int | None = None  # default: --warmup-steps
+    lora_weight_decay: float = 0.0
 
     def __post_init__(self):
         """Every value checked before anything is written (files are checked by `train`)."""
@@ -193,6 +211,8 @@ class TrainConfig:
                 )
         for name, low in _AT_LEAST.items():
             value = getattr(self, name)
+            if value is None:  # unset: another option's (lora_warmup_steps: --warmup-steps)
+                continue
             if name in _AT_MOST and value > _AT_MOST[name]:
                 raise OptionError(name, f"must be at most {_AT_MOST[name]}, got {shown(value)}")
             if not (math.isfinite(value) and value >= low):
@@ -213,7 +233,13 @@ class TrainConfig:
             raise OptionError("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         if self.eval_fraction and self.eval_data:
             raise OptionError("eval_fraction", "give --eval-data or --eval-fraction, not both")
-        if self.gradient_accumulation_steps != 1 and self.optimizer in ("lomo", "adalomo"):
+        if self.lora_schedule is not None and self.lora_schedule not in SCHEDULES:
+            raise OptionError(
+                "lora_schedule", f"{self.lora_schedule!r}; choose from {', '.join(SCHEDULES)}"
+            )
+        if self.lora_rank and self.adapter:
+            raise ConfigError("give --lora-rank (fresh factors) or --adapter DIR, not both")
+        if self.gradient_accumulation_steps != 1 and self.optimizer in ("lomo", "adalomo", "none"):
             raise ConfigError(
                 "gradient accumulation is impossible with fused LOMO/AdaLomo: each "
                 "gradient is consumed by the update the moment it exists; raise "
@@ -236,7 +262,21 @@ class TrainConfig:
             seed=self.seed,
             micro_batches=self.gradient_accumulation_steps,
             offload_activations=self.offload_activations,
+            lora_lr=self.lora_lr,
+            lora_schedule=self.lora_schedule,
+            lora_warmup_steps=self.lora_warmup_steps,
+            lora_weight_decay=self.lora_weight_decay,
         )
+
+    def lora(self) -> LoraConfig | None:
+        """Fresh factors' settings (`--lora-rank`), or None."""
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        try:
+            return LoraConfig(self.lora_rank, self.lora_alpha, targets, self.lora_dropout)
+        except LoraConfigError as e:
+            raise ConfigError(f"--lora-*: {e}") from None
 
     @property
     def rows_per_step(self) -> int:
@@ -424,16 +464,21 @@ def train(
                 splits,
             )
         model, rows, eval_rows = _load_inputs(c, layout)
-        init, step_fn = make_train_step(c.step_options(), model.config, layout)
+        model, factors = _with_lora(c, model, layout)
+        try:
+            init, step_fn = make_train_step(c.step_options(), model.config, layout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         like = abstract_state(init, model.params)
         step_fn = _compile(step_fn, like, layout.put_batch(_rows_of_step(c, rows, 0).batch()))
         after_phase("compiled")
         if origin is not None:  # read before anything is written: a bad one leaves no run
             state = load_state(origin, like, layout)
         elif not restart:
-            state = layout.on_mesh(
-                init(read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout))
-            )
+            params = read_weights(c.model, c.tokenizer, DTYPES[c.dtype], layout)
+            if factors is not None:
+                params = join(params, factors())
+            state = layout.on_mesh(init(params))
         if signum := _stop_requested():
             raise interrupt.Interrupted(signum, "before training started; nothing written")
         if not resume:
@@ -448,6 +493,32 @@ def train(
         run.write_config(absolute(dataclasses.asdict(c), Path.cwd()))
         after_phase("loaded")
         return _Loop(c, run, model, step_fn, rows, eval_rows, layout, state).train()
+
+
+def _with_lora(c: TrainConfig, model: LlamaModel, layout: Layout):
+    """The model with the LoRA factors the run trains (its weights still abstract), and what
+    makes their values on `layout`: fresh ones (peft's initialisation, seeded by --seed) for
+    --lora-rank, a peft adapter's for --adapter; None when the model brings its own (a LoRA
+    checkpoint trains on) or has none."""
+    fresh = c.lora()
+    if fresh is None and c.adapter is None:
+        return model, None
+    if model.config.lora is not None:
+        raise ConfigError(
+            f"{c.model} already has LoRA factors: drop --lora-rank / --adapter to train them on"
+        )
+    if fresh is not None:
+        cfg = model.config.replace(lora=fresh)
+        make = lambda: init_factors(cfg, jax.random.key(c.seed))  # noqa: E731
+    else:
+        from convert.peft import read_adapter
+
+        cfg, values = read_adapter(c.adapter, model.config)
+        make = lambda: values  # noqa: E731
+    shapes = jax.eval_shape(lambda: init_factors(cfg, jax.random.key(0)))
+    shardings = layout.params(shapes)
+    params = join(model.params, abstract(shapes, shardings))
+    return dataclasses.replace(model, config=cfg, params=params), lambda: put(make(), shardings)
 
 
 def _compile(step_fn: Callable, like: TrainState, batch: Any) -> Callable:
@@ -534,8 +605,10 @@ class _Loop:
         return m
 
     def _show(self, m: dict, bar: ProgressBar | None, eta: float) -> None:
+        lrs = [] if self.c.optimizer == "none" else [f"lr {m['lr']:.3g}"]  # a frozen base's
+        lrs += [f"LoRA lr {m['lora_lr']:.3g}"] if "lora_lr" in m else []
         line = (
-            f"loss {m['loss']:.4f}  lr {m['lr']:.3g}  {m['tokens_per_s']:.0f} tok/s  "
+            f"loss {m['loss']:.4f}  {'  '.join(lrs)}  {m['tokens_per_s']:.0f} tok/s  "
             f"peak mem {m['peak_memory_bytes'] / 1e9:.2f} GB"
         )
         if bar:

@@ -26,6 +26,7 @@ from lomo_jax.cli import main
 from lomo_jax.config import LlamaConfig
 from lomo_jax.engine import fused_step, init_train_state
 from lomo_jax.generate import generate
+from lomo_jax.lora import TARGETS, LoraConfig
 from lomo_jax.loss import Batch, batch_inputs
 from lomo_jax.model import LAYER_BLOCKS, decoder_layer, layer_stage
 from lomo_jax.optim import AdaLomo
@@ -301,18 +302,21 @@ def test_empty_prompt_without_bos_is_refused(families):
 def test_table_is_the_tree_the_model_creates(hf_dirs, family):
     """parameters.TABLE names every leaf init_params (the Flax modules) creates, with its shape,
     for the family's switches; every axis has a sharding rule, every layer row a stage."""
-    cfg = LlamaConfig.from_json_file(hf_dirs[family] / "config.json")
-    created = jax.eval_shape(lambda: lomo_jax.init_params(cfg, jax.random.key(0)))
-    shapes = {".".join(k): v.shape for k, v in flatten_dict(created).items()}
-    assert shapes == {p.name: p.shape(cfg) for p in params_of(cfg)}
+    base = LlamaConfig.from_json_file(hf_dirs[family] / "config.json")
+    for cfg in (base, base.replace(lora=LoraConfig(2, targets=TARGETS))):  # LoRA: every factor
+        created = jax.eval_shape(lambda cfg=cfg: lomo_jax.init_params(cfg, jax.random.key(0)))
+        shapes = {".".join(k): v.shape for k, v in flatten_dict(created).items()}
+        assert shapes == {p.name: p.shape(cfg) for p in params_of(cfg)}
     assert all(a in RULES for p in TABLE for a in p.axes)
     assert {p.stage for p in TABLE if p.per_layer} == {s for block in LAYER_BLOCKS for s in block}
 
 
-# Between them every optional row: q/k/v/o biases and q/k norms; q/k/v/o and MLP biases.
+# Between them every optional row: q/k/v/o biases and q/k norms; q/k/v/o and MLP biases; the
+# LoRA factors of every projection.
 ALL_ROWS = {
     "qwen3-bias": LlamaConfig(**_TINY, model_type="qwen3", attention_bias=True, head_dim=32),
     "llama-bias": CONFIGS["head-dim-bias-linear"],
+    "lora": CONFIGS["gqa"].replace(lora=LoraConfig(2, targets=TARGETS)),
 }
 
 

@@ -161,6 +161,12 @@ REFUSED = [
     ("--optimizer lomo", "--optimizer: a resumed run keeps its optimizer (adalomo)"),
     ("--tokenizer {other}", "--tokenizer: a resumed run keeps its tokenizer (its model's)"),
     ("--out {other}", "--out: a resumed run stays in"),
+    ("--lora-rank 4", "--lora-rank: a resumed run keeps its lora_rank (none)"),
+    (
+        "--lora-targets q_proj",
+        "--lora-targets: a resumed run keeps its lora_targets (q_proj,v_proj)",
+    ),
+    ("--adapter {other}", "--adapter: a resumed run keeps its adapter (none)"),
 ]
 
 
@@ -230,10 +236,63 @@ def test_saved_paths_are_absolute_and_hub_ids_stay_ids(tmp_path):
         "data": "tatsu-lab/alpaca:train[:10%]",
         "eval_data": "org/local",
         "chat_template": "chat.jinja",
+        "adapter": "lora/adapter",
         "template": None,
     }
     saved = resume.absolute(given, tmp_path)
+    assert saved["adapter"] == str(tmp_path / "lora" / "adapter")
     assert saved["model"] == given["model"] and saved["data"] == given["data"]
     assert saved["eval_data"] == str(tmp_path / "org" / "local")  # a path of an id's form is a path
     assert saved["chat_template"] == str(tmp_path / "chat.jinja")
     assert saved["template"] is None
+
+
+# ---- 5. a LoRA run keeps its factors' shape; their AdamW options may change -------------------
+LORA_RUN = {
+    "model": "/models/base",
+    "optimizer": "lomo",
+    "lora_rank": 8,
+    "lora_alpha": None,
+    "lora_targets": "q_proj,v_proj",
+    "adapter": None,
+    "lora_dropout": 0.0,
+    "lora_lr": 5e-4,
+    "lora_schedule": None,
+    "lora_warmup_steps": None,
+    "lora_weight_decay": 0.0,
+}
+
+
+def test_a_lora_run_keeps_the_shape_of_its_factors(tmp_path):
+    refused = {
+        "lora_rank": (16, "lora_rank (8): its checkpoints hold LoRA factors of that rank"),
+        "lora_alpha": (32.0, "lora_alpha (none): its factors were trained at that scale"),
+        "lora_targets": ("q_proj,k_proj,v_proj", "lora_targets (q_proj,v_proj): its checkpoints"),
+        "adapter": (str(tmp_path / "adapter"), "adapter (none): its factors began from that"),
+    }
+    for name, (value, kept) in refused.items():
+        with pytest.raises(resume.ResumeError) as e:
+            resume.resumed_options(LORA_RUN, {name: value}, {}, tmp_path)
+        flag = "--" + name.replace("_", "-")
+        assert str(e.value).startswith(f"{flag}: a resumed run keeps its {kept}"), str(e.value)
+        assert str(e.value).endswith("; start a new run for another")
+    with pytest.raises(resume.ResumeError, match=r"^more.yaml: lora_rank: a resumed run keeps"):
+        resume.resumed_options(LORA_RUN, {"lora_rank": 4}, {"lora_rank": "more.yaml"}, tmp_path)
+
+    may_change = {
+        "lora_lr": 1e-3,
+        "lora_schedule": "cosine",
+        "lora_warmup_steps": 5,
+        "lora_weight_decay": 0.1,
+        "lora_dropout": 0.1,
+        "lora_rank": 8,  # given as it was: no change
+    }
+    options, changes = resume.resumed_options(LORA_RUN, may_change, {}, tmp_path)
+    assert options == LORA_RUN | may_change
+    assert changes == [
+        "--lora-dropout 0.1 (was 0.0)",
+        "--lora-lr 0.001 (was 0.0005)",
+        "--lora-schedule cosine (was None)",
+        "--lora-warmup-steps 5 (was None)",
+        "--lora-weight-decay 0.1 (was 0.0)",
+    ]

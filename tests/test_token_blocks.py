@@ -21,7 +21,7 @@ def test_map_tokens_equals_the_function_on_every_token(shards, cap):
         order = np.arange(60).reshape(1, 60, 1)
         taken.extend(np.asarray(tb.take(jnp.asarray(order), j))[0, own, 0].tolist())
     assert sorted(taken) == list(range(60))
-    np.testing.assert_array_equal(map_tokens(lambda x: jnp.tanh(x @ w), x, tb), jnp.tanh(x @ w))
+    np.testing.assert_array_equal(map_tokens(lambda x, j: jnp.tanh(x @ w), x, tb), jnp.tanh(x @ w))
 
 
 def test_the_mlp_of_a_long_sequence_runs_in_blocks_of_tokens():

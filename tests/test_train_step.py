@@ -18,12 +18,16 @@ class _Compiled(Exception):
     """Stops a run once its step is lowered: the step is all this test wants of it."""
 
 
+LORA = ["--lora-rank", "2"]  # `none` trains LoRA factors alone; lomo+lora is the hybrid
+CASES = [(o, d) for o in (*OPTIMIZERS, "lomo+lora") for d in ("float32", "float16")]
+
+
 @pytest.mark.parametrize(
     ("optimizer", "dtype"),
     [
         pytest.param(o, d, id=f"{o}-{d}", marks=() if (o, d) == ("adalomo", "float32") else SLOW)
-        for o in OPTIMIZERS
-        for d in ("float32", "float16")
+        for o, d in CASES
+        if not (d == "float16" and o in ("none", "lomo+lora"))  # LoRA refuses float16
     ],
 )
 def test_plan_compiles_the_step_train_runs(tmp_path, monkeypatch, optimizer, dtype):
@@ -44,7 +48,9 @@ def test_plan_compiles_the_step_train_runs(tmp_path, monkeypatch, optimizer, dty
 
     monkeypatch.setattr(lomo_jax.train, "_compile", train_compiles)
     monkeypatch.setattr(lomo_jax.memory, "lower", plan_compiles)
+    optimizer, lora = optimizer.removesuffix("+lora"), optimizer in ("none", "lomo+lora")
     flags = ["--optimizer", optimizer, "--dtype", dtype, "--batch-size", "2", "--seq-len", "16"]
+    flags += LORA if lora else []
     with pytest.raises(_Compiled):
         main(train_args(src, data, tmp_path / "run", *flags, "--steps", "1"))
     assert main(["plan", "--model", str(src), *flags, "--json"]) == 0
