@@ -11,18 +11,28 @@ import optax
 import pytest
 
 import lomo_jax
-from lomo_jax.lora import LoraConfig, join, split
+from lomo_jax.lora import TARGETS, LoraConfig, join, split
 from lomo_jax.loss import Batch, batch_inputs, cross_entropy
 from lomo_jax.model import decoder_layers, embed, head
 from lomo_jax.optim import AdaLomo, StepScalars, apply_updates, clip_coefficient, init_state
 from lomo_jax.schedule import Schedule
 from lomo_jax.train_step import StepOptions, make_train_step
 from tests.conftest import CONFIGS, random_ids
-from tests.test_engine import assert_trees_close
+from tests.test_engine import assert_trees_close, in_token_blocks
 
 LORA = LoraConfig(4, alpha=8, targets=("q_proj", "v_proj"))
 STEPS = 3
 LR, LORA_LR = 0.05, 1e-2
+
+
+def lora_config(name: str, dropout: float):
+    """CONFIGS[name] with rank-4 factors on q and v; "gqa-token-blocks": every projection
+    adapted and the MLP run in blocks of 5 tokens (model.mlp_tokens), each with its own dropout
+    key."""
+    if name == "gqa-token-blocks":
+        cfg = in_token_blocks(CONFIGS["gqa"], 5)
+        return cfg.replace(lora=LoraConfig(4, alpha=8, dropout=dropout, targets=TARGETS))
+    return CONFIGS[name].replace(lora=LoraConfig(4, alpha=8, dropout=dropout))
 
 
 def lora_params(cfg, seed=0):
@@ -91,12 +101,13 @@ def reference(cfg, params, ids_list, optimizer, clip=None, frozen=False, seed=0)
         ("lomo", 0.5, 0.0, "mha-tied"),
         ("adalomo", None, 0.0, "gqa"),
         pytest.param("adalomo", 0.5, 0.1, "gqa", marks=pytest.mark.slow),
+        ("adalomo", 0.5, 0.1, "gqa-token-blocks"),
     ],
 )
 def test_hybrid_equals_jax_grad_then_rule_and_adamw(optimizer, clip, dropout, cfg_name):
     """One fused backward updates the base (LOMO / AdaLomo) and hands the factors' gradients to
     AdamW after the scan: three steps equal the plain reference, float32."""
-    cfg = CONFIGS[cfg_name].replace(lora=LoraConfig(4, alpha=8, dropout=dropout))
+    cfg = lora_config(cfg_name, dropout)
     params = lora_params(cfg)
     ids_list = [random_ids(cfg, 2, 24, seed=10 + k) for k in range(STEPS)]
     options = StepOptions(optimizer, lr=LR, clip_grad_norm=clip, lora_lr=LORA_LR)
@@ -110,10 +121,13 @@ def test_hybrid_equals_jax_grad_then_rule_and_adamw(optimizer, clip, dropout, cf
     assert float(metrics[0]["lora_lr"]) == pytest.approx(LORA_LR)
 
 
-@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
-def test_plain_lora_equals_jax_grad_of_the_factors(dropout):
+@pytest.mark.parametrize(
+    ("dropout", "cfg_name"),
+    [(0.0, "gqa"), pytest.param(0.2, "gqa", marks=pytest.mark.slow), (0.2, "gqa-token-blocks")],
+)
+def test_plain_lora_equals_jax_grad_of_the_factors(dropout, cfg_name):
     """--optimizer none: the factors train by AdamW; every base weight stays bit for bit."""
-    cfg = CONFIGS["gqa"].replace(lora=LoraConfig(4, alpha=8, dropout=dropout))
+    cfg = lora_config(cfg_name, dropout)
     params = lora_params(cfg, seed=3)
     ids_list = [random_ids(cfg, 2, 24, seed=20 + k) for k in range(STEPS)]
     state, _ = run_step(StepOptions("none", lora_lr=LORA_LR), cfg, params, ids_list)
