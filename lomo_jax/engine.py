@@ -228,7 +228,9 @@ def _layer_backward(rev: _Reverse, stacks: dict, i, h_i, dh, consume, acc):
     `stacks` (and what `consume` receives) is flat: {path tuple: weight (stack)}. Sharded, each
     gradient is constrained to its weight's shards, so XLA reduce-scatters it and the update
     touches only the device's slice. With `rev.frozen` the vjps are taken over the LoRA factors
-    alone: no base weight's gradient is computed."""
+    alone: no base weight's gradient is computed. A long sequence's MLP block, run in blocks of
+    tokens (`model.mlp_tokens`), is taken whole instead: its stages' gradients, summed over the
+    blocks, exist together (`_vjp_in_tokens`)."""
     cfg, positions, mask = rev.cfg, rev.positions, rev.mask
     key = None if rev.dropout_key is None else layer_dropout_key(rev.dropout_key, i)
 
@@ -314,9 +316,8 @@ def _vjp_in_tokens(stages: list, ps: tuple, xs: tuple, dys: tuple, tokens, key, 
         return (sums, tuple(tokens.put(d, d_j, j) for d, d_j in zip(dxs, dxs_j))), None
 
     zeros = [constrain(jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), p)) for p in ps]
-    return jax.lax.scan(body, (zeros, tuple(jnp.zeros_like(x) for x in xs)), jnp.arange(tokens.n))[
-        0
-    ]
+    init = (zeros, tuple(jnp.zeros_like(x) for x in xs))
+    return jax.lax.scan(body, init, jnp.arange(tokens.n))[0]
 
 
 def _index_after(i: jax.Array, deps) -> jax.Array:
