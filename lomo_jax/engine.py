@@ -20,12 +20,16 @@ bfloat16); the rules do their arithmetic in float32.
 A batch smaller than the mesh is split along its length (`sharding.Layout.sequence_split`): the
 step puts its tokens in the split's order, each device embeds, saves and recomputes only its own
 tokens, attention gathers the keys (`lomo_jax.sequence_sharding`), and each weight's gradient,
-a sum over tokens, is reduce-scattered onto its shards as with a split batch.
+a sum over tokens, is reduce-scattered onto its shards as with a split batch. A long sequence's
+MLP runs a block of tokens at a time (`model.mlp_tokens`), forward and backward, so its
+[T, intermediate] activations never exist whole; its weights' gradients are summed over the
+blocks in float32 and updated once.
 
 Each gradient is taken at the pre-step parameters (layer i is updated after its own vjp, and
 layer i-1 only needs dh_i), so a step equals ordinary SGD / AdaLomo on the same batch. With
 global-norm clipping or float16 a first reverse pass only measures the norm (and overflow), as the
-paper does; only one stage's gradients are alive at a time in either pass.
+paper does; only one stage's gradients (a long sequence's MLP: its block's) are alive at a time
+in either pass.
 
 Copies: XLA updates a stack in place (dynamic_update_slice into the donated carry) only when it
 can prove every read of layer i's weights happens before the write; `_depends_on` adds the data
