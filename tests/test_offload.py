@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import lomo_jax
+from lomo_jax.lora import LoraConfig
 from lomo_jax.loss import Batch
 from lomo_jax.memory import plan
 from lomo_jax.train_step import StepOptions, make_train_step
@@ -17,10 +18,10 @@ from tests.test_gpu_plans import needs_cuda_plugin
 CFG = CONFIGS["gqa"].replace(num_hidden_layers=3)
 
 
-def _steps(offload: bool, dtype, options: dict) -> list[np.ndarray]:
+def _steps(offload: bool, dtype, options: dict, cfg=CFG) -> list[np.ndarray]:
     """Two fused steps from the same weights: the losses, then every weight and state tensor."""
-    step = make_train_step(StepOptions(offload_activations=offload, **options), CFG)
-    params = lomo_jax.init_params(CFG, jax.random.key(0), dtype)
+    step = make_train_step(StepOptions(offload_activations=offload, **options), cfg)
+    params = lomo_jax.init_params(cfg, jax.random.key(0), dtype)
     state = step.init(params)
     ids = random_ids(CFG, 2, 32, seed=1)
     losses = []
@@ -42,6 +43,19 @@ def _steps(offload: bool, dtype, options: dict) -> list[np.ndarray]:
 )
 def test_offloaded_step_equals_the_step_bit_for_bit(dtype, options):
     plain, offloaded = _steps(False, dtype, options), _steps(True, dtype, options)
+    for a, b in zip(plain, offloaded, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.slow
+def test_offloaded_plain_lora_step_equals_the_step_bit_for_bit():
+    """Plain LoRA (the base frozen) offloads its layer inputs too."""
+    cfg = CFG.replace(lora=LoraConfig(4, dropout=0.1))
+    options = {"optimizer": "none", "lora_lr": 0.01}
+    plain, offloaded = (
+        _steps(False, jnp.float32, options, cfg),
+        _steps(True, jnp.float32, options, cfg),
+    )
     for a, b in zip(plain, offloaded, strict=True):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
