@@ -10,9 +10,11 @@ Methods: fused-lomo, fused-adalomo (this library), sgd, adamw (jax.grad + optax 
 layer-boundary checkpointing), torch-lomo, torch-adalomo (the paper authors' lomo-optim on
 transformers' LlamaForCausalLM with gradient checkpointing); fused-lomo-nearest and
 fused-adalomo-nearest round 16-bit weights to nearest instead of stochastically (the same in
-float32). Default model: a ~130M-parameter LLaMA (hidden 768, 12 layers, vocab 32000), in
---dtype. The first step of each method (compilation) is not timed. --attention runs each JAX
-method once per attention implementation (lomo_jax.attention; default auto), named method/impl.
+float32); fused-lomo-lora and fused-adalomo-lora add LoRA factors (rank 8 on q_proj, v_proj),
+trained by AdamW after the fused step's scan (the LOMO paper's hybrid). Default
+model: a ~130M-parameter LLaMA (hidden 768, 12 layers, vocab 32000), in --dtype. The first
+step of each method (compilation) is not timed. --attention runs each JAX method once per
+attention implementation (lomo_jax.attention; default auto), named method/impl.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ import numpy as np
 
 import lomo_jax
 from lomo_jax.config import LlamaConfig
+from lomo_jax.lora import LoraConfig
 
 METHODS = ("fused-lomo", "fused-adalomo", "sgd", "adamw", "torch-lomo", "torch-adalomo")
-EXTRA_METHODS = ("fused-lomo-nearest", "fused-adalomo-nearest")
+EXTRA_METHODS = (
+    "fused-lomo-nearest",
+    "fused-adalomo-nearest",
+    "fused-lomo-lora",
+    "fused-adalomo-lora",
+)
+LORA = LoraConfig(8, targets=("q_proj", "v_proj"))
 CONFIG = LlamaConfig(
     vocab_size=32000,
     hidden_size=768,
@@ -63,10 +72,10 @@ def jax_step(method: str, ids: np.ndarray, dtype: str, attention: str = "auto"):
     from lomo_jax.model import init_params
     from lomo_jax.train_step import StepOptions, make_train_step
 
-    cfg = CONFIG.replace(attention=attention)
+    cfg = CONFIG.replace(attention=attention, lora=LORA if method.endswith("-lora") else None)
     params = init_params(cfg, jax.random.key(0), jnp.dtype(dtype))
     batch = Batch(jnp.asarray(ids), jnp.asarray(ids))
-    optimizer = method.removeprefix("fused-").removesuffix("-nearest")
+    optimizer = method.removeprefix("fused-").removesuffix("-lora").removesuffix("-nearest")
     rounding = "nearest" if method.endswith("-nearest") else "stochastic"
     init, fn = make_train_step(StepOptions(optimizer, rounding=rounding), cfg)
     box = {"state": init(params)}
