@@ -17,8 +17,8 @@ import argparse
 import lomo_jax
 from lomo_jax import cuda_plugin
 
-# model: (target, devices) it is planned on: the 7-8B models on one GPU of each kind, the larger
-# ones on one H100 when they fit it, else on 8.
+# (model, target, devices): the 7-8B models on one GPU (the Llamas on each kind), the larger
+# ones on one H100 when they fit it, else on 8 (a 70B on 8 of each kind).
 ROWS = (
     ("llama-7b", "rtx4090", 1),
     ("llama-7b", "h100", 1),
@@ -30,6 +30,7 @@ ROWS = (
     ("llama-13b", "h100", 1),
     ("qwen3-32b", "h100", 8),
     ("llama3.1-70b", "h100", 8),
+    ("llama3.1-70b", "rtx4090", 8),
     ("qwen2.5-72b", "h100", 8),
 )
 
