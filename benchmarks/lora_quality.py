@@ -23,7 +23,7 @@ from bf16_quality import run, start, stories_model
 import lomo_jax
 
 SWEEP = {
-    "lora": (1e-3, 5e-3, 2e-2),  # the factors' AdamW rate; the base frozen
+    "lora": (1e-3, 5e-3, 2e-2, 5e-2),  # the factors' AdamW rate; the base frozen
     "lomo": (3e-2, 1e-1, 3e-1),
     "adalomo": (2e-3, 1e-2, 5e-2),
     "adamw": (1e-3, 3e-3, 1e-2),
