@@ -21,7 +21,7 @@ from tests.conftest import CONFIGS, random_ids
 from tests.test_engine import assert_trees_close, in_token_blocks
 
 LORA = LoraConfig(4, alpha=8, targets=("q_proj", "v_proj"))
-STEPS = 3
+STEPS = 2  # the factors' AdamW at a second step (its moments no longer zero)
 LR, LORA_LR = 0.05, 1e-2
 
 
@@ -97,16 +97,15 @@ def reference(cfg, params, ids_list, optimizer, clip=None, frozen=False, seed=0)
 @pytest.mark.parametrize(
     ("optimizer", "clip", "dropout", "cfg_name"),
     [
-        pytest.param("lomo", None, 0.0, "gqa", marks=pytest.mark.slow),
         ("lomo", 0.5, 0.0, "mha-tied"),
         ("adalomo", None, 0.0, "gqa"),
-        pytest.param("adalomo", 0.5, 0.1, "gqa", marks=pytest.mark.slow),
-        ("adalomo", 0.5, 0.1, "gqa-token-blocks"),
+        # clipping, dropout, every projection adapted, the MLP in blocks of tokens
+        pytest.param("adalomo", 0.5, 0.1, "gqa-token-blocks", marks=pytest.mark.slow),
     ],
 )
 def test_hybrid_equals_jax_grad_then_rule_and_adamw(optimizer, clip, dropout, cfg_name):
     """One fused backward updates the base (LOMO / AdaLomo) and hands the factors' gradients to
-    AdamW after the scan: three steps equal the plain reference, float32."""
+    AdamW after the scan: two steps equal the plain reference, float32."""
     cfg = lora_config(cfg_name, dropout)
     params = lora_params(cfg)
     ids_list = [random_ids(cfg, 2, 24, seed=10 + k) for k in range(STEPS)]
@@ -123,7 +122,7 @@ def test_hybrid_equals_jax_grad_then_rule_and_adamw(optimizer, clip, dropout, cf
 
 @pytest.mark.parametrize(
     ("dropout", "cfg_name"),
-    [(0.0, "gqa"), pytest.param(0.2, "gqa", marks=pytest.mark.slow), (0.2, "gqa-token-blocks")],
+    [(0.0, "gqa"), pytest.param(0.2, "gqa-token-blocks", marks=pytest.mark.slow)],
 )
 def test_plain_lora_equals_jax_grad_of_the_factors(dropout, cfg_name):
     """--optimizer none: the factors train by AdamW; every base weight stays bit for bit."""
