@@ -301,7 +301,7 @@ def layer_stage(
 
 # The MLP runs in blocks of tokens only from this many blocks on: the fused backward sums the
 # blocks' gradients in float32, three [in, out] float32 sums at once, which outweigh the
-# intermediates two or three blocks would save (README, Long context: the plans that chose it).
+# intermediates two or three blocks would save (docs/measurements.md).
 MIN_TOKEN_BLOCKS = 4
 
 
